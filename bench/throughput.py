@@ -1,0 +1,149 @@
+"""Training throughput on CPU: our mLSTM vs a per-step autograd mLSTM vs ``torch.nn.LSTM``.
+
+Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward, Adam step) for:
+
+* ``ours``: :class:`mlstm_trainer.model.MLSTM` (hand-written recurrence, weight norm included);
+* ``per-step``: the same mLSTM spelled out with ``nn.Linear`` calls per step and plain autograd;
+* ``nn.LSTM``: ``torch.nn.LSTM`` with the same hidden size and the same embedding/readout layers.
+
+It reports and never asserts (exit code 0): CPU timings on shared machines are noisy, so run it a few
+times and read the median.  Targets from the performance issue: ours >= 1.6x per-step, >= 0.7x nn.LSTM.
+
+    python bench/throughput.py --hidden 1024 --batch 32 --seq 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlstm_trainer.model import MLSTM
+
+VOCAB = 256
+EMBED = 64
+
+
+class PerStepMLSTM(nn.Module):
+    """The mLSTM as most people first write it: four ``nn.Linear`` calls per step, autograd does the rest."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.embed = nn.Embedding(VOCAB, EMBED)
+        self.w_mx = nn.Linear(EMBED, hidden, bias=False)
+        self.w_mh = nn.Linear(hidden, hidden, bias=False)
+        self.w_x = nn.Linear(EMBED, 4 * hidden)
+        self.w_h = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.out = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` from a zero initial state."""
+        emb = self.embed(tokens)
+        h = emb.new_zeros(tokens.shape[0], self.hidden)
+        c = torch.zeros_like(h)
+        outputs = []
+        for t in range(tokens.shape[1]):
+            x = emb[:, t]
+            m = self.w_mx(x) * self.w_mh(h)
+            i, f, o, u = (self.w_x(x) + self.w_h(m)).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return self.out(torch.stack(outputs, dim=1))
+
+
+class TorchLSTM(nn.Module):
+    """``torch.nn.LSTM`` between the same embedding and readout layers."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, EMBED)
+        self.lstm = nn.LSTM(EMBED, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` from a zero initial state."""
+        hs, _ = self.lstm(self.embed(tokens))
+        return self.out(hs)
+
+
+class OursLogits(nn.Module):
+    """Adapts :class:`MLSTM` (which also returns the state) to the logits-only interface."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.model = MLSTM(vocab_size=VOCAB, embed_dim=EMBED, hidden_size=hidden)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` from a zero initial state."""
+        return self.model(tokens)[0]
+
+
+def tokens_per_second(model: nn.Module, batch: int, seq: int, iters: int, warmup: int) -> float:
+    """Median-free mean throughput over ``iters`` timed training steps after ``warmup`` untimed ones."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=gen)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):  # first steps allocate Adam state and warm allocator/BLAS caches
+        step()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return batch * seq * iters / (time.perf_counter() - start)
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line flags; defaults are the sizes the performance issue names."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size H")
+    parser.add_argument("--batch", type=int, default=32, help="batch size B")
+    parser.add_argument("--seq", type=int, default=64, help="sequence length T")
+    parser.add_argument("--iters", type=int, default=5, help="timed training steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per model")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median is reported")
+    return parser.parse_args()
+
+
+def main() -> int:
+    """Run every model, print tokens/s and the two ratios; always returns 0."""
+    args = parse_args()
+    builders: dict[str, Callable[[int], nn.Module]] = {
+        "ours": OursLogits,
+        "per-step": PerStepMLSTM,
+        "nn.LSTM": TorchLSTM,
+    }
+    print(f"torch {torch.__version__}, num_threads={torch.get_num_threads()}, hidden={args.hidden}, "
+          f"batch={args.batch}, seq={args.seq}, iters={args.iters}, warmup={args.warmup}")
+    samples: dict[str, list[float]] = {name: [] for name in builders}
+    # Rounds interleave the models so a burst of load from other work hits all of them, not one.
+    for _ in range(args.repeats):
+        for name, build in builders.items():
+            torch.manual_seed(0)
+            model = build(args.hidden)
+            samples[name].append(tokens_per_second(model, args.batch, args.seq, args.iters, args.warmup))
+    rate = {name: statistics.median(values) for name, values in samples.items()}
+    for name, value in rate.items():
+        runs = ", ".join(f"{v:.0f}" for v in samples[name])
+        print(f"{name:>9}: {value:10.0f} tokens/s  (runs: {runs})")
+    print(f"ours / per-step: {rate['ours'] / rate['per-step']:.2f}x  (target >= 1.6x)")
+    print(f"ours / nn.LSTM:  {rate['ours'] / rate['nn.LSTM']:.2f}x  (target >= 0.7x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

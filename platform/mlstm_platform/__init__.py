@@ -1,0 +1,1 @@
+"""mlstm_platform: the control plane (CLI, manifest and chart rendering, job lifecycle, dashboards, planning)."""

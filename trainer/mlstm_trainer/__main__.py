@@ -1,0 +1,41 @@
+"""`python -m mlstm_trainer [flags]`: parse the config, build a Trainer, train, tear down."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .corpus import CorpusError
+from .distributed import init_distributed, shutdown_distributed
+from .metrics import MetricsPortError
+from .options import load_config
+from .sampling import sample_text
+from .trainer import Trainer
+
+USAGE_ERRORS = (ConfigError, CorpusError, CheckpointError, MetricsPortError)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+        ctx = init_distributed(config.device)
+        try:
+            trainer = Trainer(config, ctx)
+            state = trainer.train(show_progress=sys.stderr.isatty())
+        finally:
+            shutdown_distributed()
+    except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        print(f"trained {state.step} steps, {state.tokens_seen:,} characters; checkpoints in {config.checkpoint.dir}")
+        if config.sample_chars:
+            print("--- sample ---")
+            print(sample_text(trainer.model.eval(), length=config.sample_chars, temperature=0.8, seed=config.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Byte-level multiplicative LSTM language model (Krause et al. 2016; Radford et al. 2017).
+
+Embedding -> one mLSTM layer -> linear readout.  The four mLSTM matrices are weight-normalised (as in
+OpenAI's generating-reviews-discovering-sentiment code), the normalisation is applied once per forward
+rather than once per step, and the time loop itself lives in :mod:`mlstm_trainer.recurrence`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlstm_trainer.recurrence import mlstm_recurrence
+
+
+class WeightNormLinearWeight(nn.Module):
+    """A weight ``w = g * v / ||v||`` with one norm per output row (torch's ``weight_norm``, dim=0).
+
+    Our own ``v``/``g`` rather than ``torch.nn.utils.parametrizations.weight_norm`` so the weight is
+    built exactly once per forward and the parameter names are plain (``v``, ``g``) in checkpoints.
+    """
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.v = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        # g = ||v|| makes the initial w equal v, so init is the usual uniform fan-in init.
+        self.g = nn.Parameter(self.v.detach().norm(dim=1))
+
+    def forward(self) -> Tensor:
+        """The normalised weight, ``[out_features, in_features]``."""
+        scale = self.g / self.v.norm(dim=1)
+        return self.v * scale.unsqueeze(1)
+
+
+class MLSTM(nn.Module):
+    """Embedding + single-layer mLSTM + readout; maps byte tokens to next-byte logits."""
+
+    def __init__(self, vocab_size: int = 256, embed_dim: int = 64, hidden_size: int = 4096) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embed_dim = embed_dim
+        self.hidden_size = hidden_size
+        hidden = hidden_size
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.w_mx = WeightNormLinearWeight(hidden, embed_dim)
+        self.w_mh = WeightNormLinearWeight(hidden, hidden)
+        self.w_x = WeightNormLinearWeight(4 * hidden, embed_dim)
+        self.w_h = WeightNormLinearWeight(4 * hidden, hidden)
+        # Gate order i, f, o, u; forget bias +1 so early training does not wash out the cell state.
+        bias = torch.zeros(4 * hidden)
+        bias[hidden : 2 * hidden] = 1.0
+        self.bias = nn.Parameter(bias)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        state: tuple[Tensor, Tensor] | None = None,
+        reset: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Run a batch of sequences.
+
+        Args:
+            tokens: ``[B, T]`` int64 byte ids.
+            state: ``(h, c)``, each ``[B, H]``; ``None`` starts from zeros.
+            reset: ``[B, T]`` bool, True zeroes the state before token ``t`` (a document boundary).
+
+        Returns:
+            ``(logits [B, T, vocab], (h_last, c_last))``.  Logits are float32 under autocast and the
+            parameters' dtype otherwise; the state is in the recurrence's compute dtype.
+        """
+        emb = self.embed(tokens)
+        # Input projections for the whole sequence at once: two big matmuls instead of 2*T small ones.
+        # Under autocast these follow autocast's dtype, which then sets the recurrence's dtype.
+        xm = F.linear(emb, self.w_mx())
+        xg = F.linear(emb, self.w_x(), self.bias)
+        dtype = xg.dtype
+        if state is None:
+            state = self.init_state(tokens.shape[0], device=tokens.device, dtype=dtype)
+        h0, c0 = (s.to(dtype) for s in state)
+        keep = None if reset is None else (~reset).to(dtype)
+        # The casts are recorded by autograd, so fp32 master weights still get fp32 gradients.
+        w_mh = self.w_mh().to(dtype)
+        w_h = self.w_h().to(dtype)
+        hs, h_last, c_last = mlstm_recurrence(xm.to(dtype), xg, w_mh, w_h, h0, c0, keep)
+        logits = self.out(hs)
+        if torch.is_autocast_enabled(tokens.device.type):
+            # Loss in fp32: fp16 log-softmax over 256 classes loses too much precision.
+            logits = logits.float()
+        return logits, (h_last, c_last)
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Zero ``(h, c)`` for ``batch_size`` rows; defaults to the parameters' device and dtype."""
+        device = self.bias.device if device is None else device
+        dtype = self.bias.dtype if dtype is None else dtype
+        shape = (batch_size, self.hidden_size)
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count (weight-norm ``g`` vectors included)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def flops_per_token(self) -> int:
+        """Model FLOPs per training token, forward + backward.
+
+        The usual ``6 * N`` rule with ``N`` counting only matmul weights: each weight does a multiply-add
+        (2 FLOPs) per token in forward and twice that in backward (input and weight gradients).  The
+        embedding is a lookup, and biases, weight-norm and pointwise gate math are left out as small.
+        Per token: W_mx (H*E) + W_x (4H*E) + W_mh (H*H) + W_h (4H*H) + readout (V*H).
+        """
+        hidden, embed, vocab = self.hidden_size, self.embed_dim, self.vocab_size
+        matmul_params = 5 * hidden * embed + 5 * hidden * hidden + vocab * hidden
+        return 6 * matmul_params

@@ -1,0 +1,238 @@
+"""The mLSTM time loop as one autograd Function (Krause et al. 2016, multiplicative LSTM).
+
+Per step, with ``xm_t = W_mx x_t`` and ``xg_t = W_x x_t + b`` precomputed for the whole sequence::
+
+    m_t   = xm_t * (h_{t-1} @ w_mh.T)
+    z_t   = xg_t + m_t @ w_h.T                 # gate order along 4H: i, f, o, u
+    c_t   = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(u)
+    h_t   = sigmoid(o) * tanh(c_t)
+
+Why a hand-written Function rather than plain autograd: autograd would record ~15 nodes per step and
+compute the weight gradients as T small matmuls.  Here the loops (forward and backward) only do the two
+recurrent matmuls and pointwise work into preallocated buffers, and the weight gradients are two big
+matmuls over all ``B*T`` rows at the end, the way cuDNN does its LSTMs.
+
+Buffers are batch-major ``[B, T, ...]`` so that ``hs``, ``dxm`` and ``dxg`` come out contiguous without
+a final transpose; a per-step slice ``buf[:, t]`` has rows of stride ``T*width``, which BLAS takes as a
+leading dimension, so the matmuls read and write the slices in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# Fused pointwise derivatives written into an ``out=`` buffer: grad * s * (1 - s) and grad * (1 - t^2)
+# in one pass each, instead of the three or four temporaries the spelled-out formulas need.
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+
+
+def mlstm_recurrence(
+    xm: Tensor,
+    xg: Tensor,
+    w_mh: Tensor,
+    w_h: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the mLSTM over a sequence.
+
+    Args:
+        xm: ``[B, T, H]`` multiplicative input projection ``x_t @ W_mx.T``.
+        xg: ``[B, T, 4H]`` gate input projection ``x_t @ W_x.T + b``.
+        w_mh: ``[H, H]`` hidden-to-m weight.
+        w_h: ``[4H, H]`` m-to-gates weight.
+        h0, c0: ``[B, H]`` initial state.
+        keep: ``[B, T]`` floats, 1.0 keeps the state and 0.0 zeroes it *before* step ``t`` (a document
+            boundary), or ``None`` for no resets.
+
+    All tensors must share one dtype and device.
+
+    Returns:
+        ``(hs [B, T, H], h_last [B, H], c_last [B, H])``; ``h_last`` equals ``hs[:, -1]`` but is its own
+        tensor, and gradients arriving through both are summed.
+    """
+    _check_inputs(xm, xg, w_mh, w_h, h0, c0, keep)
+    return _MLSTMRecurrence.apply(xm, xg, w_mh, w_h, h0, c0, keep)
+
+
+def _check_inputs(
+    xm: Tensor, xg: Tensor, w_mh: Tensor, w_h: Tensor, h0: Tensor, c0: Tensor, keep: Tensor | None
+) -> None:
+    """Fail early with a readable message; a shape slip would otherwise surface deep inside a matmul."""
+    batch, steps, hidden = xm.shape
+    expected = {
+        "xg": (xg, (batch, steps, 4 * hidden)),
+        "w_mh": (w_mh, (hidden, hidden)),
+        "w_h": (w_h, (4 * hidden, hidden)),
+        "h0": (h0, (batch, hidden)),
+        "c0": (c0, (batch, hidden)),
+    }
+    if keep is not None:
+        expected["keep"] = (keep, (batch, steps))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"mlstm_recurrence: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.dtype != xm.dtype:
+            raise TypeError(f"mlstm_recurrence: {name} is {tensor.dtype} but xm is {xm.dtype}")
+    if steps == 0:
+        raise ValueError("mlstm_recurrence: the sequence is empty (T == 0)")
+
+
+class _MLSTMRecurrence(torch.autograd.Function):
+    """Forward and backward loops; see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        xm: Tensor,
+        xg: Tensor,
+        w_mh: Tensor,
+        w_h: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        keep: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # Autocast off: the caller already chose the dtype, and autocast would silently re-cast each
+        # per-step matmul (and allocate a fresh weight copy every step).
+        with torch.autocast(device_type=xg.device.type, enabled=False):
+            saved, hs, h_last, c_last = _forward_loop(xm, xg, w_mh, w_h, h0, c0, keep)
+        ctx.save_for_backward(xm, w_mh, w_h, h0, keep, hs, *saved)
+        # Unused outputs get None rather than a materialised zero tensor: skips work in backward.
+        ctx.set_materialize_grads(False)
+        return hs, h_last, c_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_hs: Tensor | None, grad_h_last: Tensor | None, grad_c_last: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        xm, w_mh, w_h, h0, keep, hs, gates, mh, m, c_prev, tanh_c = ctx.saved_tensors
+        with torch.autocast(device_type=xm.device.type, enabled=False):
+            dxm, dxg, d_mh, dh0, dc0 = _backward_loop(
+                (grad_hs, grad_h_last, grad_c_last), xm, w_mh, w_h, keep, gates, mh, c_prev, tanh_c
+            )
+            dw_mh, dw_h = _weight_grads(ctx.needs_input_grad, dxg, d_mh, m, h0, hs, keep)
+        return dxm, dxg, dw_mh, dw_h, dh0, dc0, None
+
+
+def _forward_loop(
+    xm: Tensor, xg: Tensor, w_mh: Tensor, w_h: Tensor, h0: Tensor, c0: Tensor, keep: Tensor | None
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    """Step through time; returns (saved buffers for backward, hs, h_last, c_last)."""
+    batch, steps, hidden = xm.shape
+    gates = torch.empty_like(xg)  # activated i, f, o, u
+    mh = torch.empty_like(xm)  # h_{t-1} @ w_mh.T, needed for d xm
+    m = torch.empty_like(xm)  # m_t, the input of the big dW_h matmul
+    c_prev = torch.empty_like(xm)  # c_{t-1} after the reset, needed for d f
+    tanh_c = torch.empty_like(xm)  # tanh(c_t), needed for d o and d c
+    hs = torch.empty_like(xm)
+    c_last = torch.empty_like(c0)
+    h_prev_buf = torch.empty_like(h0) if keep is not None else None
+    w_mh_t, w_h_t = w_mh.t(), w_h.t()
+    h_prev = h0 if keep is None else h0 * keep[:, :1]
+    if keep is None:
+        c_prev[:, 0].copy_(c0)
+    else:
+        torch.mul(c0, keep[:, :1], out=c_prev[:, 0])
+    for t in range(steps):
+        torch.mm(h_prev, w_mh_t, out=mh[:, t])
+        torch.mul(xm[:, t], mh[:, t], out=m[:, t])
+        z = gates[:, t]
+        torch.addmm(xg[:, t], m[:, t], w_h_t, out=z)
+        z[:, : 3 * hidden].sigmoid_()
+        z[:, 3 * hidden :].tanh_()
+        i, f, o, u = z.chunk(4, dim=1)
+        c_next = c_prev[:, t + 1] if t + 1 < steps else c_last
+        torch.mul(f, c_prev[:, t], out=c_next)
+        c_next.addcmul_(i, u)
+        torch.tanh(c_next, out=tanh_c[:, t])
+        torch.mul(o, tanh_c[:, t], out=hs[:, t])
+        h_prev = hs[:, t]
+        if keep is not None and t + 1 < steps:
+            # Zero the state of rows that start a new document at t+1; hs keeps the un-reset value.
+            keep_next = keep[:, t + 1 : t + 2]
+            c_next.mul_(keep_next)
+            h_prev = torch.mul(h_prev, keep_next, out=h_prev_buf)
+    h_last = hs[:, -1].clone()  # its own storage: Function outputs must not alias each other
+    return (gates, mh, m, c_prev, tanh_c), hs, h_last, c_last
+
+
+def _backward_loop(
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    xm: Tensor,
+    w_mh: Tensor,
+    w_h: Tensor,
+    keep: Tensor | None,
+    gates: Tensor,
+    mh: Tensor,
+    c_prev: Tensor,
+    tanh_c: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Walk time in reverse; returns (dxm, dxg, d_mh, dh0, dc0). Only recurrent matmuls run per step."""
+    grad_hs, grad_h_last, grad_c_last = grads
+    batch, steps, hidden = xm.shape
+    dxg = torch.empty_like(gates)  # doubles as dZ for all steps, which dW_h needs
+    dxm = torch.empty_like(xm)
+    d_mh = torch.empty_like(xm)  # per-step d(h_{t-1} @ w_mh.T); stored for dW_mh
+    dh = _zeros_or_clone(grad_h_last, xm)  # running dL/dh_t
+    dc = _zeros_or_clone(grad_c_last, xm)  # running dL/dc_t
+    d_m = torch.empty_like(dh)
+    scratch = torch.empty_like(dh)
+    for t in reversed(range(steps)):
+        if grad_hs is not None:
+            dh.add_(grad_hs[:, t])
+        g, dz = gates[:, t], dxg[:, t]
+        i, f, o, u = g.chunk(4, dim=1)
+        dz_i, dz_f, dz_o, dz_u = dz.chunk(4, dim=1)
+        torch.mul(dh, tanh_c[:, t], out=dz_o)
+        torch.mul(dh, o, out=scratch)
+        dc.add_(_tanh_backward(scratch, tanh_c[:, t], grad_input=scratch))
+        torch.mul(dc, u, out=dz_i)
+        torch.mul(dc, c_prev[:, t], out=dz_f)
+        torch.mul(dc, i, out=dz_u)
+        _tanh_backward(dz_u, u, grad_input=dz_u)
+        _sigmoid_backward(dz[:, : 3 * hidden], g[:, : 3 * hidden], grad_input=dz[:, : 3 * hidden])
+        dc.mul_(f)  # now dL/d c_prev (after reset)
+        torch.mm(dz, w_h, out=d_m)
+        torch.mul(d_m, mh[:, t], out=dxm[:, t])
+        torch.mul(d_m, xm[:, t], out=d_mh[:, t])
+        torch.mm(d_mh[:, t], w_mh, out=dh)  # now dL/d h_prev (after reset)
+        if keep is not None:
+            keep_t = keep[:, t : t + 1]
+            dh.mul_(keep_t)
+            dc.mul_(keep_t)
+    return dxm, dxg, d_mh, dh, dc
+
+
+def _weight_grads(
+    needs_input_grad: tuple[bool, ...],
+    dz: Tensor,
+    d_mh: Tensor,
+    m: Tensor,
+    h0: Tensor,
+    hs: Tensor,
+    keep: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """dW_mh and dW_h as one matmul each over all B*T rows (instead of T small ones in the loop)."""
+    batch, steps, hidden = hs.shape
+    dw_mh = dw_h = None
+    if needs_input_grad[3]:
+        dw_h = dz.reshape(-1, 4 * hidden).t().mm(m.reshape(-1, hidden))
+    if needs_input_grad[2]:
+        # h_{t-1} for every step, rebuilt here rather than stored by forward: saves B*T*H memory.
+        h_prev = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)
+        if keep is not None:
+            h_prev.mul_(keep.unsqueeze(2))
+        dw_mh = d_mh.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
+    return dw_mh, dw_h
+
+
+def _zeros_or_clone(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A writable [B, H] running gradient, seeded from an incoming grad when there is one."""
+    if grad is None:
+        return like.new_zeros(like.shape[0], like.shape[2])
+    return grad.clone(memory_format=torch.contiguous_format)

@@ -1,0 +1,259 @@
+"""The training loop: streams -> mLSTM forward under autocast -> scaled backward -> clip -> Adam.
+
+`Trainer.train()` reads top to bottom; construction lives in `build_*` helpers and the state
+that a checkpoint must carry lives in `TrainerState`, the streams and the hidden state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from . import __version__
+from . import checkpoint as ckpt
+from .checkpoint import Checkpointer, should_save
+from .config import ConfigError, TrainConfig, config_to_dict
+from .corpus import load_corpus
+from .distributed import DistContext
+from .metrics import NullMetrics, TrainerMetrics
+from .model import MLSTM
+from .precision import MixedPrecision
+from .report import JsonlLog, ProgressDisplay, StepStats
+from .schedule import build_schedule
+from .streams import RowStreams
+
+Hidden = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerState:
+    """Counters a checkpoint carries besides the tensors."""
+
+    step: int = 0
+    """Optimizer steps attempted (overflowed ones included)."""
+    updates: int = 0
+    """Updates actually applied; the LR schedule advances with these only."""
+    tokens_seen: int = 0
+    """Characters trained on by the whole job."""
+    skipped: int = 0
+    """Steps skipped because fp16 gradients overflowed."""
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so it can checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested = True
+
+
+def build_model(config: TrainConfig, device: torch.device) -> MLSTM:
+    torch.manual_seed(config.seed)  # same initial weights on every rank and every run
+    m = config.model
+    return MLSTM(vocab_size=m.vocab_size, embed_dim=m.embed_dim, hidden_size=m.hidden_size).to(device)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Adam:
+    o = config.optim
+    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def build_metrics(config: TrainConfig, ctx: DistContext) -> TrainerMetrics | NullMetrics:
+    if config.metrics.port == 0:
+        return NullMetrics()
+    metrics = TrainerMetrics(job=config.metrics.job, rank=ctx.rank, node=ctx.node)
+    # Several ranks share a pod: each serves on the base port plus its local rank.
+    metrics.serve(config.metrics.host, config.metrics.port + ctx.local_rank)
+    metrics.set_build_info(
+        version=__version__, precision=config.precision.mode, hidden_size=config.model.hidden_size, world_size=ctx.world_size
+    )
+    return metrics
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains one process's share of the job; rank 0 also checkpoints, logs and draws progress."""
+
+    def __init__(self, config: TrainConfig, ctx: DistContext, *, metrics: TrainerMetrics | NullMetrics | None = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.model = build_model(config, ctx.device)
+        self.ddp = DistributedDataParallel(self.model) if ctx.distributed else None
+        self.optimizer = build_optimizer(config, self.model)
+        self.precision = MixedPrecision(config.precision, ctx.device.type)
+        self.global_batch = config.data.batch_size * ctx.world_size
+        self.schedule = build_schedule(config.optim, self.global_batch)
+        self.streams = RowStreams(
+            load_corpus(config.data.path), global_rows=self.global_batch, seq_len=config.data.seq_len,
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
+        self.checkpointer = Checkpointer(config.checkpoint.dir, keep=config.checkpoint.keep)
+        self.metrics = metrics if metrics is not None else build_metrics(config, ctx)
+        self.log = JsonlLog(config.metrics.log_jsonl if ctx.is_main else "")
+        self.state = TrainerState()
+        self.hidden: Hidden = self.model.init_state(config.data.batch_size, device=ctx.device)
+        self.stop = StopSignal()
+        self._saved_step = -1
+        self._step_ema = 0.0
+
+    # ----------------------------------------------------------------------------------------
+    def train(self, *, show_progress: bool = True) -> TrainerState:
+        """Resume if a checkpoint exists, then train until `optim.steps` or a stop signal."""
+        self.stop.install()
+        display = ProgressDisplay(self.config.optim.steps, start_step=0, enabled=show_progress and self.ctx.is_main)
+        try:
+            with display:
+                self.resume(display)
+                while self.state.step < self.config.optim.steps and not self.stop.requested:
+                    stats = self.train_step()
+                    self.report(stats, display)
+                    if should_save(self.state.step, self.config.checkpoint.every):
+                        self.save(display)
+                self.save(display)  # the final state, or the state at SIGTERM
+        finally:
+            self.stop.uninstall()
+            self.log.close()
+        return self.state
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over the next batch of every row stream."""
+        started = time.perf_counter()
+        batch = self.streams.next_batch()
+        data_wait = time.perf_counter() - started
+        inputs, targets, reset = (t.to(self.ctx.device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.reset))
+
+        lr = self.schedule(self.state.updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with self.precision.autocast():
+            logits, hidden = (self.ddp or self.model)(inputs, self.hidden, reset)
+        # The model hands back fp32 logits under autocast: softmax and loss stay in fp32.
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # Truncated BPTT: the next batch starts from this state but gradients stop here.
+        self.hidden = (hidden[0].detach(), hidden[1].detach())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.precision.scaler
+        scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)  # true-unit gradients before clipping
+        clip = self.config.optim.grad_clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        overflow = not math.isfinite(grad_norm)
+        if scaler.is_enabled():
+            scaler.step(self.optimizer)  # skips the update itself when it found inf/NaN
+            scaler.update()  # halves the scale on overflow, doubles after growth_interval clean steps
+        elif not overflow:
+            self.optimizer.step()
+
+        self.state.step += 1
+        self.state.updates += 0 if overflow else 1
+        self.state.skipped += 1 if overflow else 0
+        self.state.tokens_seen += batch.tokens * self.ctx.world_size
+        return self._stats(loss.item(), lr, grad_norm, batch.epoch, time.perf_counter() - started, data_wait)
+
+    # ----------------------------------------------------------------------------------------
+    def _stats(self, loss: float, lr: float, grad_norm: float, epoch: int, seconds: float, data_wait: float) -> StepStats:
+        # A smoothed step time keeps tokens/s and the ETA steady on a noisy machine.
+        self._step_ema = seconds if self._step_ema == 0 else 0.9 * self._step_ema + 0.1 * seconds
+        steps_left = self.config.optim.steps - self.state.step
+        return StepStats(
+            step=self.state.step, loss=loss, lr=lr, tokens=self.state.tokens_seen,
+            tokens_per_s=self.global_batch * self.config.data.seq_len / self._step_ema,
+            loss_scale=self.precision.loss_scale, grad_norm=grad_norm, skipped=self.state.skipped, epoch=epoch,
+            step_seconds=seconds, data_wait_seconds=data_wait,
+            progress=self.state.step / self.config.optim.steps, eta_seconds=steps_left * self._step_ema,
+        )
+
+    def report(self, stats: StepStats, display: ProgressDisplay) -> None:
+        rank_tokens = self.config.data.batch_size * self.config.data.seq_len
+        self.metrics.record_step(stats, rank_tokens=rank_tokens, mfu=None)
+        self.log.write(stats.log_record())
+        if stats.step % self.config.metrics.log_every == 0 or stats.step == self.config.optim.steps:
+            display.update(stats)
+
+    # ----------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this step left off."""
+        return {
+            ckpt.MODEL: self.model.state_dict(),
+            ckpt.OPTIMIZER: self.optimizer.state_dict(),
+            ckpt.SCALER: self.precision.scaler.state_dict(),
+            ckpt.TRAINER: dataclasses.asdict(self.state),
+            ckpt.DATA: [self.streams.state_dict()],
+            ckpt.HIDDEN: [tuple(t.cpu() for t in self.hidden)],
+            ckpt.RNG: rng_state(),
+            ckpt.CONFIG: config_to_dict(self.config),
+        }
+
+    def save(self, display: ProgressDisplay) -> None:
+        if self.state.step == self._saved_step or not self.ctx.is_main:
+            return
+        path = self.checkpointer.save(self.state.step, self.checkpoint_state())
+        self._saved_step = self.state.step
+        display.log(f"saved checkpoint {path}")
+
+    def resume(self, display: ProgressDisplay) -> None:
+        """Continue from the latest checkpoint in the checkpoint directory, if there is one."""
+        path = self.checkpointer.latest()
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, map_location=self.ctx.device)
+        self._check_compatible(state[ckpt.CONFIG], path)
+        self.model.load_state_dict(state[ckpt.MODEL])
+        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        self.precision.scaler.load_state_dict(state[ckpt.SCALER])
+        self.state = TrainerState(**state[ckpt.TRAINER])
+        self.metrics.resume_from(self.state.skipped)
+        self.streams.load_state_dict(state[ckpt.DATA][0])
+        if getattr(self.streams, "resharded", False):
+            display.log("world size changed since the checkpoint: rows re-derived, hidden states reset")
+        else:
+            self.hidden = tuple(t.to(self.ctx.device) for t in state[ckpt.HIDDEN][0])  # type: ignore[assignment]
+        restore_rng_state(state[ckpt.RNG])
+        self._saved_step = self.state.step
+        display.log(f"resumed from {path} at step {self.state.step}")
+
+    def _check_compatible(self, saved: dict[str, Any], path: object) -> None:
+        for name, value in saved["model"].items():
+            current = getattr(self.config.model, name)
+            if current != value:
+                raise ConfigError(
+                    f"model.{name} is {current} but the checkpoint {path} was trained with {value}; "
+                    "use the same model settings or another --checkpoint-dir"
+                )
