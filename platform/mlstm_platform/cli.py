@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import train_cmd
+from . import dashboard_cmd, data_cmd, k8s_cmd, train_cmd
 
 app = typer.Typer(
     name="mlstm",
@@ -14,6 +14,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 train_cmd.register(app)
+k8s_cmd.register(app)
+dashboard_cmd.register(app)
+data_cmd.register(app)
 
 
 def main() -> None:

@@ -136,6 +136,37 @@ def test_recurrence_gradcheck(with_keep: bool) -> None:
     assert torch.autograd.gradcheck(lambda *a: mlstm_recurrence(*a, keep), inputs)
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [
+        pytest.param(2, id="short-plain-matmul"),  # below the packing threshold: torch.mm path
+        pytest.param(9, id="long-packed-weights"),  # CPU float32: oneDNN-packed weight path
+    ],
+)
+def test_recurrence_float32_matches_float64(steps: int) -> None:
+    """The float32 fast path (packed weights on CPU) agrees with the float64 path in values and grads."""
+    batch, hidden = 3, 8
+    gen = torch.Generator().manual_seed(5)
+    inputs64 = [
+        0.5 * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for shape in ((batch, steps, hidden), (batch, steps, 4 * hidden), (hidden, hidden),
+                      (4 * hidden, hidden), (batch, hidden), (batch, hidden))
+    ]
+    keep = torch.ones(batch, steps, dtype=torch.float64)
+    keep[1, 1] = 0.0
+    grad_out = [torch.randn(batch, steps, hidden, generator=gen, dtype=torch.float64),
+                torch.randn(batch, hidden, generator=gen, dtype=torch.float64),
+                torch.randn(batch, hidden, generator=gen, dtype=torch.float64)]
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        inputs = [x.to(dtype).requires_grad_() for x in inputs64]
+        outputs = mlstm_recurrence(*inputs, keep.to(dtype))
+        grads = torch.autograd.grad(outputs, inputs, [g.to(dtype) for g in grad_out])
+        results.append([t.double() for t in (*outputs, *grads)])
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_reset", [pytest.param(False, id="plain"), pytest.param(True, id="reset")])
 def test_state_carrying_is_exact(with_reset: bool) -> None:
     model = _model()

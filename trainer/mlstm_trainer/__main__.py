@@ -12,9 +12,13 @@ from .distributed import init_distributed, shutdown_distributed
 from .metrics import MetricsPortError
 from .options import load_config
 from .sampling import sample_text
+from .shards import ManifestError
+from .storage import StorageError
 from .trainer import Trainer
 
-USAGE_ERRORS = (ConfigError, CorpusError, CheckpointError, MetricsPortError)
+# Bad settings or inputs the user can fix: exit 2. A store failing mid-run (S3 down, corrupt shard): exit 1.
+USAGE_ERRORS = (ConfigError, CorpusError, CheckpointError, MetricsPortError, ManifestError)
+RUNTIME_ERRORS = (StorageError,)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
@@ -29,6 +33,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
     except USAGE_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except RUNTIME_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     if ctx.is_main:
         print(f"trained {state.step} steps, {state.tokens_seen:,} characters; checkpoints in {config.checkpoint.dir}")
         if config.sample_chars:

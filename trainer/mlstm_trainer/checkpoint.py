@@ -1,31 +1,34 @@
-"""Checkpoints in `step-{N}/` folders, written atomically, the newest K kept.
+"""Checkpoints as `step-{N}/state.pt` objects plus a `latest` pointer, locally or on S3/MinIO.
 
-A checkpoint is written into a hidden temporary folder and renamed into place, so a process killed
-mid-write never leaves a half-written `step-N` behind; the latest checkpoint is found by parsing
-the folder names, so there is no pointer file to get out of step.
+Each state object is written atomically (a local temporary file renamed into place; a single S3
+PUT), and only then is `latest` updated, so a process killed or an S3 server lost mid-write never
+leaves a partial checkpoint as the one to resume from. Without a pointer (e.g. it was deleted) the
+newest complete `step-N` found by listing is used. The newest K checkpoints are kept.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .storage import ObjectNotFound, ObjectStore, is_s3_url, open_store
+
 STATE_FILE = "state.pt"
+LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Keys of the saved state (one place, so writers and readers agree).
 MODEL = "model"
 OPTIMIZER = "optimizer"
 SCALER = "scaler"
-TRAINER = "trainer"  # {step, updates, tokens_seen, skipped, epoch}
-DATA = "data"  # the streams' cursor
-HIDDEN = "hidden"  # the per-row recurrent state (h, c)
+TRAINER = "trainer"  # {step, updates, tokens_seen, skipped}
+DATA = "data"  # the streams' cursor, one per rank
+HIDDEN = "hidden"  # the per-row recurrent state (h, c), one per rank
 RNG = "rng"
 CONFIG = "config"
 
@@ -43,75 +46,81 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under `directory`, oldest first."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
+def list_checkpoints(store: ObjectStore) -> list[tuple[int, str]]:
+    """(step, folder name) of every complete checkpoint in `store`, oldest first."""
     found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
+    for name in store.list():
+        folder, _, leaf = name.rpartition("/")
+        match = _STEP_DIR.match(folder)
+        if match and leaf == STATE_FILE:
+            found.append((int(match.group(1)), folder))
     return sorted(found)
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under `directory`, or None."""
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
+class Checkpointer:
+    """Saves, finds and loads the checkpoints of one run (a directory or an S3 prefix)."""
+
+    def __init__(self, url: str, keep: int = 3, store: ObjectStore | None = None) -> None:
+        self.url = url
+        self.keep = keep
+        self.store = store if store is not None else open_store(url)
+
+    def latest(self) -> str | None:
+        """Folder name of the checkpoint to resume from, or None when there is none."""
+        try:
+            pointed = self.store.get(LATEST).decode().strip()
+        except ObjectNotFound:
+            pointed = ""
+        if pointed and self.store.size(f"{pointed}/{STATE_FILE}") is not None:
+            return pointed
+        found = list_checkpoints(self.store)
+        return found[-1][1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> str:
+        """Write `state` as checkpoint `step`, then point `latest` at it, then prune old ones."""
+        folder = step_dir_name(step)
+        # Serialise to local disk first: a multi-GB state should not sit in memory twice.
+        with tempfile.TemporaryDirectory(prefix="mlstm-ckpt-") as tmp:
+            local = Path(tmp) / STATE_FILE
+            torch.save(state, local)
+            self.store.put_file(f"{folder}/{STATE_FILE}", local)
+        self.store.put(LATEST, folder.encode())
+        self._prune()
+        return self.store.url(folder)
+
+    def load(self, folder: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        folder = folder or self.latest()
+        if folder is None:
+            raise CheckpointError(f"no checkpoint found at {self.url}")
+        data = self.store.get(f"{folder}/{STATE_FILE}")
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+    def _prune(self) -> None:
+        for _, folder in list_checkpoints(self.store)[: -self.keep]:
+            self.store.delete(f"{folder}/{STATE_FILE}")
+            if not is_s3_url(self.url):  # S3 has no folders; a local one is left empty
+                (Path(self.url) / folder).rmdir()
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, its state file, or a run directory (then its latest checkpoint)."""
-    target = Path(path)
-    if target.is_file() and target.name == STATE_FILE:
-        return target.parent
-    if (target / STATE_FILE).is_file():
-        return target
-    latest = latest_checkpoint(target)
-    if latest is None:
-        raise CheckpointError(
-            f"no checkpoint found at {path}; pass a run's checkpoint directory (e.g. runs/demo-...) or one of its step-N folders"
-        )
-    return latest
+def split_checkpoint_path(path: str) -> tuple[str, str | None]:
+    """(run URL, step folder or None) for a run directory, a step-N folder or its state file."""
+    trimmed = path.rstrip("/")
+    if trimmed.endswith("/" + STATE_FILE):
+        trimmed = trimmed[: -len(STATE_FILE) - 1]
+    parent, _, leaf = trimmed.rpartition("/")
+    if _STEP_DIR.match(leaf):
+        return parent or ".", leaf
+    return trimmed, None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load the saved state of a checkpoint (see `resolve_checkpoint` for what `path` may be)."""
-    folder = resolve_checkpoint(path)
-    return torch.load(folder / STATE_FILE, map_location=map_location, weights_only=False)
-
-
-class Checkpointer:
-    """Saves and finds checkpoints of one run in a local directory."""
-
-    def __init__(self, directory: str | Path, keep: int) -> None:
-        self.directory = Path(directory)
-        self.keep = keep
-
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.directory)
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write `state` as checkpoint `step` atomically, then prune old checkpoints."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / step_dir_name(step)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.directory))
-        try:
-            with open(staging / STATE_FILE, "wb") as handle:
-                torch.save(state, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(staging, final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        self._prune()
-        return final
-
-    def _prune(self) -> None:
-        for _, folder in list_checkpoints(self.directory)[: -self.keep]:
-            shutil.rmtree(folder, ignore_errors=True)
+    """Load a checkpoint given as a run directory/URL (its latest), a step-N folder or its state file."""
+    run, folder = split_checkpoint_path(str(path))
+    checkpointer = Checkpointer(run)
+    if folder is None:
+        folder = checkpointer.latest()
+    if folder is None or checkpointer.store.size(f"{folder}/{STATE_FILE}") is None:
+        raise CheckpointError(
+            f"no checkpoint found at {path}; pass a run's checkpoint directory (e.g. runs/demo-...) or one of its step-N folders"
+        )
+    return checkpointer.load(folder, map_location=map_location)

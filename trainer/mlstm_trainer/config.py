@@ -53,10 +53,19 @@ class DataConfig:
     """Rows (independent byte streams) per process; the global batch is this times the world size."""
     seq_len: int = 128
     """Characters per row per step (truncated back-propagation length)."""
+    prefetch_steps: int = 64
+    """How many steps ahead shards of a prepared dataset are fetched in the background."""
+    fetch_workers: int = 4
+    """Threads fetching shards from S3/MinIO."""
+    retry_seconds: float = 120.0
+    """How long transient S3 errors (refused, 5xx, timeouts) are retried before training stops."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _require(self.seq_len > 0, "data.seq_len", "must be > 0", self.seq_len)
+        _require(self.prefetch_steps >= 0, "data.prefetch_steps", "must be >= 0", self.prefetch_steps)
+        _require(self.fetch_workers > 0, "data.fetch_workers", "must be > 0", self.fetch_workers)
+        _require(self.retry_seconds >= 0, "data.retry_seconds", "must be >= 0", self.retry_seconds)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,7 +128,7 @@ class CheckpointConfig:
     """Where and how often training state is saved (and resumed from)."""
 
     dir: str = "runs/default"
-    """Directory holding step-N checkpoints; training resumes from the latest one found here."""
+    """Directory or s3://bucket/prefix holding step-N checkpoints; training resumes from the latest one."""
     every: int = 200
     """Save every this many steps (and always at the end and on SIGTERM); 0 saves only then."""
     keep: int = 3
@@ -144,7 +153,7 @@ class MetricsConfig:
     log_every: int = 10
     """Refresh the progress display every this many steps."""
     job: str = "local"
-    """Job name reported in the metrics' build info."""
+    """Job name: the `job` label on every metric (the PyTorchJob name in a cluster)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "metrics.port", "must be in 0..65535", self.port)

@@ -52,6 +52,13 @@ class Corpus:
         """Number of documents."""
         return int(self.doc_starts.shape[0])
 
+    def window(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """uint8 [B, length]: bytes [start, start+length) for each start (one numpy gather)."""
+        return self.data[starts[:, None] + np.arange(length, dtype=np.int64)]
+
+    def prefetch(self, starts: np.ndarray, length: int) -> None:
+        """Everything is in memory already."""
+
 
 def _check_layout(data: np.ndarray, doc_starts: np.ndarray, name: str) -> None:
     """Reject arrays that break the format, so shard readers fail loudly, not silently."""

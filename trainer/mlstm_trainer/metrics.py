@@ -36,7 +36,11 @@ class TrainerMetrics:
         self.tokens = counter("mlstm_tokens", "Characters (bytes) trained on by this rank.")
         self.loss = gauge("mlstm_loss", "Training loss of the last step, nats per character.")
         self.bpc = gauge("mlstm_bits_per_character", "Training loss of the last step, bits per character.")
-        self.val_bpc = gauge("mlstm_validation_bits_per_character", "Validation bits per character at the last evaluation.")
+        # Validation BPC and MFU are exported only once known: a default 0 would read as a perfect
+        # model or an idle device on the dashboard.
+        self._val_bpc = Gauge(
+            "mlstm_validation_bits_per_character", "Validation bits per character at the last evaluation.", LABELS, registry=self.registry
+        )
         self.step_duration = Histogram(
             "mlstm_step_duration_seconds", "Wall time of one optimizer step.", LABELS, buckets=STEP_BUCKETS, registry=self.registry
         ).labels(**labels)
@@ -47,7 +51,10 @@ class TrainerMetrics:
         self.overflows = counter("mlstm_overflow_steps", "Steps skipped because fp16 gradients overflowed.")
         self.step = gauge("mlstm_step", "Optimizer steps done.")
         self.epoch = gauge("mlstm_epoch", "Current epoch over the training data.")
-        self.mfu = gauge("mlstm_model_flops_utilization", "Model FLOPs per second over the device's dense peak.")
+        self._mfu = Gauge(
+            "mlstm_model_flops_utilization", "Model FLOPs per second over the device's dense peak (exported when the peak is known).",
+            LABELS, registry=self.registry,
+        )
         self.progress = gauge("mlstm_run_progress_ratio", "Fraction of the planned training done.")
         self.eta = gauge("mlstm_eta_seconds", "Estimated time left at the current rate.")
         self._build_info = Gauge(
@@ -57,6 +64,7 @@ class TrainerMetrics:
         self._last_skipped = 0
 
     def set_build_info(self, *, version: str, precision: str, hidden_size: int, world_size: int) -> None:
+        """Publish the constant `mlstm_build_info` series describing this run."""
         self._build_info.labels(
             **self._labels, version=version, precision=precision, hidden_size=str(hidden_size), world_size=str(world_size)
         ).set(1)
@@ -71,21 +79,23 @@ class TrainerMetrics:
         self.lr.set(stats.lr)
         self.loss_scale.set(stats.loss_scale)
         self.grad_norm.set(stats.grad_norm)
-        self.overflows.inc(stats.skipped - self._last_skipped)
+        # StepStats carries the run's running total; the counter wants this process's increment.
+        self.overflows.inc(max(0, stats.skipped - self._last_skipped))
         self._last_skipped = stats.skipped
         self.step.set(stats.step)
         self.epoch.set(stats.epoch)
         self.progress.set(stats.progress)
         self.eta.set(stats.eta_seconds)
         if mfu is not None:
-            self.mfu.set(mfu)
+            self._mfu.labels(**self._labels).set(mfu)
 
     def resume_from(self, skipped: int) -> None:
         """Counters start at zero in a new process; skip the overflows a checkpoint already counted."""
         self._last_skipped = skipped
 
     def record_validation(self, bpc: float) -> None:
-        self.val_bpc.set(bpc)
+        """Publish the bits per character of an evaluation on held-out text."""
+        self._val_bpc.labels(**self._labels).set(bpc)
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port from a daemon thread."""

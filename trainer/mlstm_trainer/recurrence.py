@@ -27,6 +27,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 # in one pass each, instead of the three or four temporaries the spelled-out formulas need.
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
+# Packing a weight for oneDNN costs about as much as a few steps' matmuls; shorter loops (e.g. sampling
+# one token at a time) use plain matmuls instead.
+_MIN_STEPS_TO_PACK = 4
 
 
 def mlstm_recurrence(
@@ -82,6 +85,46 @@ def _check_inputs(
         raise ValueError("mlstm_recurrence: the sequence is empty (T == 0)")
 
 
+class _RecurrentMatmul:
+    """``x @ weight.T`` for a weight that every step of the loop reuses with the same batch size.
+
+    On CPU in float32 the weight is reordered once into oneDNN's blocked layout: a plain ``torch.mm``
+    with only B (e.g. 32) rows spends a large share of each call re-packing the whole weight, which is
+    most of why a per-step loop trails ``torch.nn.LSTM`` (whose oneDNN kernel packs once per sequence).
+    Elsewhere (CUDA, other dtypes, CPU builds without oneDNN, very short sequences where packing would
+    not pay off) it is a plain matmul.
+    """
+
+    def __init__(self, weight: Tensor, batch: int, steps: int) -> None:
+        self.weight = weight
+        self.packed: Tensor | None = None
+        if _use_onednn(weight, steps):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
+
+    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
+        """Write ``x @ weight.T`` into ``out`` and return it."""
+        if self.packed is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return out.copy_(torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], ""))
+
+    def plus(self, x: Tensor, other: Tensor) -> Tensor:
+        """A new tensor ``other + x @ weight.T`` (the add fused into the matmul)."""
+        if self.packed is None:
+            return torch.addmm(other, x, self.weight.t())
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "add")
+
+
+def _use_onednn(weight: Tensor, steps: int) -> bool:
+    """Whether packing the weight for oneDNN is possible here and worth its one-off cost."""
+    return (
+        steps >= _MIN_STEPS_TO_PACK
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
 class _MLSTMRecurrence(torch.autograd.Function):
     """Forward and backward loops; see the module docstring."""
 
@@ -132,20 +175,21 @@ def _forward_loop(
     hs = torch.empty_like(xm)
     c_last = torch.empty_like(c0)
     h_prev_buf = torch.empty_like(h0) if keep is not None else None
-    w_mh_t, w_h_t = w_mh.t(), w_h.t()
+    mh_matmul = _RecurrentMatmul(w_mh, batch, steps)  # x @ w_mh.T
+    z_matmul = _RecurrentMatmul(w_h, batch, steps)  # x @ w_h.T
     h_prev = h0 if keep is None else h0 * keep[:, :1]
     if keep is None:
         c_prev[:, 0].copy_(c0)
     else:
         torch.mul(c0, keep[:, :1], out=c_prev[:, 0])
     for t in range(steps):
-        torch.mm(h_prev, w_mh_t, out=mh[:, t])
+        mh_matmul(h_prev, out=mh[:, t])
         torch.mul(xm[:, t], mh[:, t], out=m[:, t])
-        z = gates[:, t]
-        torch.addmm(xg[:, t], m[:, t], w_h_t, out=z)
-        z[:, : 3 * hidden].sigmoid_()
-        z[:, 3 * hidden :].tanh_()
-        i, f, o, u = z.chunk(4, dim=1)
+        z = z_matmul.plus(m[:, t], xg[:, t])
+        g = gates[:, t]
+        torch.sigmoid(z[:, : 3 * hidden], out=g[:, : 3 * hidden])
+        torch.tanh(z[:, 3 * hidden :], out=g[:, 3 * hidden :])
+        i, f, o, u = g.chunk(4, dim=1)
         c_next = c_prev[:, t + 1] if t + 1 < steps else c_last
         torch.mul(f, c_prev[:, t], out=c_next)
         c_next.addcmul_(i, u)
@@ -182,6 +226,9 @@ def _backward_loop(
     dc = _zeros_or_clone(grad_c_last, xm)  # running dL/dc_t
     d_m = torch.empty_like(dh)
     scratch = torch.empty_like(dh)
+    # Backward multiplies by the weights untransposed: x @ w == x @ (w.T).T
+    dm_matmul = _RecurrentMatmul(w_h.t(), batch, steps)
+    dh_matmul = _RecurrentMatmul(w_mh.t(), batch, steps)
     for t in reversed(range(steps)):
         if grad_hs is not None:
             dh.add_(grad_hs[:, t])
@@ -197,10 +244,10 @@ def _backward_loop(
         _tanh_backward(dz_u, u, grad_input=dz_u)
         _sigmoid_backward(dz[:, : 3 * hidden], g[:, : 3 * hidden], grad_input=dz[:, : 3 * hidden])
         dc.mul_(f)  # now dL/d c_prev (after reset)
-        torch.mm(dz, w_h, out=d_m)
+        dm_matmul(dz, out=d_m)
         torch.mul(d_m, mh[:, t], out=dxm[:, t])
         torch.mul(d_m, xm[:, t], out=d_mh[:, t])
-        torch.mm(d_mh[:, t], w_mh, out=dh)  # now dL/d h_prev (after reset)
+        dh_matmul(d_mh[:, t], out=dh)  # now dL/d h_prev (after reset)
         if keep is not None:
             keep_t = keep[:, t : t + 1]
             dh.mul_(keep_t)

@@ -102,4 +102,4 @@ class ProgressDisplay:
 
     def log(self, message: str) -> None:
         """A line above the bar (resume notices, checkpoint saves)."""
-        self._progress.console.print(message)
+        self._progress.console.print(message, soft_wrap=True)  # a path must stay on one line

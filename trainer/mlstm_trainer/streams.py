@@ -10,12 +10,26 @@ without communicating and a state saved by any rank restores every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from mlstm_trainer.corpus import Corpus, CorpusError
+from mlstm_trainer.corpus import DOC_SEPARATOR, CorpusError
+
+
+class ByteSource(Protocol):
+    """Random access to the concatenated training bytes (an in-memory Corpus or S3 shards)."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def window(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """uint8 [B, length]: bytes [start, start+length) for each start."""
+
+    def prefetch(self, starts: np.ndarray, length: int) -> None:
+        """Hint: these windows will be read soon (sources that fetch over the network start now)."""
 
 _STATE_KEYS = ("epoch", "step_in_epoch", "positions", "global_rows", "world_size", "rank", "corpus_bytes")
 
@@ -68,7 +82,8 @@ class RowStreams:
     different layout: the positions moved, so carried RNN states must be reset.
     """
 
-    def __init__(self, corpus: Corpus, *, global_rows: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, corpus: ByteSource, *, global_rows: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 prefetch_steps: int = 0) -> None:
         _check_layout_args(global_rows, seq_len, rank, world_size)
         corpus_bytes = len(corpus)
         self.steps_per_epoch: int = steps_per_epoch(corpus_bytes, global_rows, seq_len)
@@ -85,12 +100,8 @@ class RowStreams:
         self.epoch = 0
         self.step_in_epoch = 0
         self.resharded = False
+        self.prefetch_steps = prefetch_steps
         self._starts = row_starts(corpus_bytes, global_rows, rank, world_size)
-        # One lookup table for the whole corpus, so reset masks are a single gather per batch.
-        self._is_doc_start = np.zeros(corpus_bytes, dtype=bool)
-        self._is_doc_start[corpus.doc_starts] = True
-        # Offsets 0..T (T+1 of them): one gather yields inputs and their shifted targets.
-        self._window = np.arange(seq_len + 1, dtype=np.int64)
 
     @property
     def local_rows(self) -> int:
@@ -103,23 +114,33 @@ class RowStreams:
 
     def next_batch(self) -> Batch:
         """The next ``seq_len`` bytes of every local row; rows restart when the epoch ends."""
-        positions = self._positions()[:, None] + self._window  # [B, T+1]
-        window = torch.from_numpy(self.corpus.data[positions]).long()
-        reset = torch.from_numpy(self._is_doc_start[positions[:, :-1]])
+        starts, T = self._positions(), self.seq_len
         if self.step_in_epoch == 0:
-            reset[:, 0] = True  # the stream (re)starts mid-document: no valid state to carry in
+            # The stream (re)starts, possibly mid-document: no valid state to carry in.
+            window = self.corpus.window(starts, T + 1)
+            before = np.full((len(starts), 1), DOC_SEPARATOR, dtype=np.uint8)
+        else:
+            # One byte more on the left tells whether the first input starts a document.
+            wide = self.corpus.window(starts - 1, T + 2)
+            before, window = wide[:, :1], wide[:, 1:]
+        # A document starts right after a separator (documents never straddle shards).
+        reset = np.concatenate([before, window[:, : T - 1]], axis=1) == DOC_SEPARATOR
+        tokens = torch.from_numpy(np.ascontiguousarray(window)).long()
         batch = Batch(
-            # contiguous: both are views of one gather, and callers flatten them with .view().
-            inputs=window[:, :-1].contiguous(),
-            targets=window[:, 1:].contiguous(),
-            reset=reset,
+            # contiguous: both are views of one array, and callers flatten them with .view().
+            inputs=tokens[:, :-1].contiguous(),
+            targets=tokens[:, 1:].contiguous(),
+            reset=torch.from_numpy(reset),
             epoch=self.epoch,
-            tokens=positions.shape[0] * self.seq_len,
+            tokens=len(starts) * T,
         )
         # Roll over eagerly so a saved state always names the epoch of the next batch.
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.prefetch_steps:
+            ahead = min(self.prefetch_steps, self.steps_per_epoch - self.step_in_epoch)
+            self.corpus.prefetch(np.maximum(self._positions() - 1, 0), ahead * T + 2)
         return batch
 
     def state_dict(self) -> dict[str, Any]:

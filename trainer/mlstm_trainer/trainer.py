@@ -17,19 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from . import checkpoint as ckpt
 from .checkpoint import Checkpointer, should_save
 from .config import ConfigError, TrainConfig, config_to_dict
-from .corpus import load_corpus
 from .distributed import DistContext
+from .hardware import model_flops_utilization, peak_flops
 from .metrics import NullMetrics, TrainerMetrics
 from .model import MLSTM
 from .precision import MixedPrecision
 from .report import JsonlLog, ProgressDisplay, StepStats
 from .schedule import build_schedule
+from .shard_source import open_source
 from .streams import RowStreams
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -79,6 +82,23 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
+def build_ddp(model: MLSTM, config: TrainConfig, ctx: DistContext) -> DistributedDataParallel | None:
+    if not ctx.distributed:
+        return None
+    ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if config.precision.mode == "fp16":
+        # Halve the all-reduce traffic: gradients travel as fp16 and are averaged back into fp32.
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    return ddp
+
+
+def build_streams(config: TrainConfig, ctx: DistContext) -> RowStreams:
+    d = config.data
+    source = open_source(d.path, "train", workers=d.fetch_workers, retry_seconds=d.retry_seconds)
+    return RowStreams(source, global_rows=d.batch_size * ctx.world_size, seq_len=d.seq_len,
+                      rank=ctx.rank, world_size=ctx.world_size, prefetch_steps=d.prefetch_steps)
+
+
 def build_metrics(config: TrainConfig, ctx: DistContext) -> TrainerMetrics | NullMetrics:
     if config.metrics.port == 0:
         return NullMetrics()
@@ -113,16 +133,14 @@ class Trainer:
         self.config = config
         self.ctx = ctx
         self.model = build_model(config, ctx.device)
-        self.ddp = DistributedDataParallel(self.model) if ctx.distributed else None
+        self.ddp = build_ddp(self.model, config, ctx)
         self.optimizer = build_optimizer(config, self.model)
         self.precision = MixedPrecision(config.precision, ctx.device.type)
         self.global_batch = config.data.batch_size * ctx.world_size
         self.schedule = build_schedule(config.optim, self.global_batch)
-        self.streams = RowStreams(
-            load_corpus(config.data.path), global_rows=self.global_batch, seq_len=config.data.seq_len,
-            rank=ctx.rank, world_size=ctx.world_size,
-        )
+        self.streams = build_streams(config, ctx)
         self.checkpointer = Checkpointer(config.checkpoint.dir, keep=config.checkpoint.keep)
+        self.peak_flops = peak_flops(ctx.device, config.precision.mode)
         self.metrics = metrics if metrics is not None else build_metrics(config, ctx)
         self.log = JsonlLog(config.metrics.log_jsonl if ctx.is_main else "")
         self.state = TrainerState()
@@ -139,7 +157,7 @@ class Trainer:
         try:
             with display:
                 self.resume(display)
-                while self.state.step < self.config.optim.steps and not self.stop.requested:
+                while self.state.step < self.config.optim.steps and not self.stop_requested():
                     stats = self.train_step()
                     self.report(stats, display)
                     if should_save(self.state.step, self.config.checkpoint.every):
@@ -202,52 +220,78 @@ class Trainer:
 
     def report(self, stats: StepStats, display: ProgressDisplay) -> None:
         rank_tokens = self.config.data.batch_size * self.config.data.seq_len
-        self.metrics.record_step(stats, rank_tokens=rank_tokens, mfu=None)
+        # MFU per device: ranks step in lockstep, so each does 1/world_size of the job's tokens/s.
+        mfu = model_flops_utilization(self.model.flops_per_token(), stats.tokens_per_s / self.ctx.world_size, self.peak_flops)
+        self.metrics.record_step(stats, rank_tokens=rank_tokens, mfu=mfu)
         self.log.write(stats.log_record())
         if stats.step % self.config.metrics.log_every == 0 or stats.step == self.config.optim.steps:
             display.update(stats)
 
     # ----------------------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        """A stop signal on any rank stops every rank at the same step (else the others hang)."""
+        if not self.ctx.distributed:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` on rank 0 (a list there, [] elsewhere); [value] without DDP."""
+        if not self.ctx.distributed:
+            return [value]
+        gathered: list[Any] | None = [None] * self.ctx.world_size if self.ctx.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered or []
+
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this step left off."""
+        """Everything needed to continue exactly where this step left off (collective under DDP)."""
+        data = self._gather(self.streams.state_dict())
+        hidden = self._gather(tuple(t.cpu() for t in self.hidden))
         return {
             ckpt.MODEL: self.model.state_dict(),
             ckpt.OPTIMIZER: self.optimizer.state_dict(),
             ckpt.SCALER: self.precision.scaler.state_dict(),
             ckpt.TRAINER: dataclasses.asdict(self.state),
-            ckpt.DATA: [self.streams.state_dict()],
-            ckpt.HIDDEN: [tuple(t.cpu() for t in self.hidden)],
+            ckpt.DATA: data,
+            ckpt.HIDDEN: hidden,
             ckpt.RNG: rng_state(),
             ckpt.CONFIG: config_to_dict(self.config),
         }
 
     def save(self, display: ProgressDisplay) -> None:
-        if self.state.step == self._saved_step or not self.ctx.is_main:
+        """Every rank contributes its streams and hidden state; rank 0 writes the checkpoint."""
+        if self.state.step == self._saved_step:
             return
-        path = self.checkpointer.save(self.state.step, self.checkpoint_state())
+        state = self.checkpoint_state()
         self._saved_step = self.state.step
-        display.log(f"saved checkpoint {path}")
+        if self.ctx.is_main:
+            display.log(f"saved checkpoint {self.checkpointer.save(self.state.step, state)}")
 
     def resume(self, display: ProgressDisplay) -> None:
         """Continue from the latest checkpoint in the checkpoint directory, if there is one."""
-        path = self.checkpointer.latest()
-        if path is None:
+        folder = self.checkpointer.latest()
+        if folder is None:
             return
-        state = ckpt.load_checkpoint(path, map_location=self.ctx.device)
-        self._check_compatible(state[ckpt.CONFIG], path)
+        state = self.checkpointer.load(folder, map_location=self.ctx.device)
+        self._check_compatible(state[ckpt.CONFIG], self.checkpointer.store.url(folder))
         self.model.load_state_dict(state[ckpt.MODEL])
         self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
         self.precision.scaler.load_state_dict(state[ckpt.SCALER])
         self.state = TrainerState(**state[ckpt.TRAINER])
         self.metrics.resume_from(self.state.skipped)
-        self.streams.load_state_dict(state[ckpt.DATA][0])
-        if getattr(self.streams, "resharded", False):
-            display.log("world size changed since the checkpoint: rows re-derived, hidden states reset")
+        saved_world = len(state[ckpt.DATA])
+        # Same world size: this rank's own cursor and state; otherwise any cursor re-derives the rows.
+        mine = self.ctx.rank if saved_world == self.ctx.world_size else 0
+        self.streams.load_state_dict(state[ckpt.DATA][mine])
+        if self.streams.resharded:
+            display.log(f"world size changed from {saved_world} to {self.ctx.world_size} since the checkpoint: "
+                        "rows re-derived, hidden states reset")
         else:
-            self.hidden = tuple(t.to(self.ctx.device) for t in state[ckpt.HIDDEN][0])  # type: ignore[assignment]
+            self.hidden = tuple(t.to(self.ctx.device) for t in state[ckpt.HIDDEN][mine])  # type: ignore[assignment]
         restore_rng_state(state[ckpt.RNG])
         self._saved_step = self.state.step
-        display.log(f"resumed from {path} at step {self.state.step}")
+        display.log(f"resumed from {self.checkpointer.store.url(folder)} at step {self.state.step}")
 
     def _check_compatible(self, saved: dict[str, Any], path: object) -> None:
         for name, value in saved["model"].items():

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny training settings that run in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The loopback S3 server (moto) fixtures live in their own module.
+pytest_plugins = ["tests.s3_fixtures"]
+
+
+def tiny_args(checkpoint_dir: Path, *extra: str) -> list[str]:
+    """Trainer flags for a model small enough to train a few dozen steps in seconds."""
+    return [
+        "--hidden-size", "64", "--embed-dim", "16", "--batch-size", "8", "--seq-len", "32",
+        "--checkpoint-dir", str(checkpoint_dir), "--metrics-port", "0", "--device", "cpu", *extra,
+    ]
+
+
+@pytest.fixture
+def trainer_env() -> dict[str, str]:
+    """Environment for trainer subprocesses: unbuffered, and no inherited MLSTM_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSTM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
