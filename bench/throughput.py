@@ -6,8 +6,8 @@ Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward
 * ``per-step``: the same mLSTM spelled out with ``nn.Linear`` calls per step and plain autograd;
 * ``nn.LSTM``: ``torch.nn.LSTM`` with the same hidden size and the same embedding/readout layers.
 
-It reports and never asserts (exit code 0): CPU timings on shared machines are noisy, so run it a few
-times and read the median.  Targets from the performance issue: ours >= 1.6x per-step, >= 0.7x nn.LSTM.
+It reports and never asserts (exit code 0).  Models are timed step by step in turn and tokens/s comes
+from the median step time, but CPU timings on a shared machine stay noisy: run it a few times.  Targets from the performance issue: ours >= 1.6x per-step, >= 0.7x nn.LSTM.
 
     python bench/throughput.py --hidden 1024 --batch 32 --seq 64
 """
@@ -85,8 +85,8 @@ class OursLogits(nn.Module):
         return self.model(tokens)[0]
 
 
-def tokens_per_second(model: nn.Module, batch: int, seq: int, iters: int, warmup: int) -> float:
-    """Median-free mean throughput over ``iters`` timed training steps after ``warmup`` untimed ones."""
+def build_step(model: nn.Module, batch: int, seq: int) -> Callable[[], None]:
+    """One fp32 training step on a fixed random batch: forward, cross-entropy, backward, Adam."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -99,12 +99,25 @@ def tokens_per_second(model: nn.Module, batch: int, seq: int, iters: int, warmup
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):  # first steps allocate Adam state and warm allocator/BLAS caches
-        step()
-    start = time.perf_counter()
+    return step
+
+
+def time_steps(steps: dict[str, Callable[[], None]], iters: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step for each model, over ``iters`` rounds that each run every model once.
+
+    Interleaving step by step (rather than timing one model's whole run, then the next) means a burst
+    of load from other work on a shared machine hits all models alike instead of skewing one ratio.
+    """
+    for step in steps.values():
+        for _ in range(warmup):  # first steps allocate Adam state and warm allocator/BLAS caches
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
-        step()
-    return batch * seq * iters / (time.perf_counter() - start)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def parse_args() -> argparse.Namespace:
@@ -113,15 +126,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H")
     parser.add_argument("--batch", type=int, default=32, help="batch size B")
     parser.add_argument("--seq", type=int, default=64, help="sequence length T")
-    parser.add_argument("--iters", type=int, default=5, help="timed training steps per model")
+    parser.add_argument("--iters", type=int, default=7, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per model")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
     return parser.parse_args()
 
 
 def main() -> int:
-    """Run every model, print tokens/s and the two ratios; always returns 0."""
+    """Time every model, print tokens/s (from the median step time) and the two ratios; returns 0."""
     args = parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     builders: dict[str, Callable[[int], nn.Module]] = {
         "ours": OursLogits,
         "per-step": PerStepMLSTM,
@@ -129,17 +144,16 @@ def main() -> int:
     }
     print(f"torch {torch.__version__}, num_threads={torch.get_num_threads()}, hidden={args.hidden}, "
           f"batch={args.batch}, seq={args.seq}, iters={args.iters}, warmup={args.warmup}")
-    samples: dict[str, list[float]] = {name: [] for name in builders}
-    # Rounds interleave the models so a burst of load from other work hits all of them, not one.
-    for _ in range(args.repeats):
-        for name, build in builders.items():
-            torch.manual_seed(0)
-            model = build(args.hidden)
-            samples[name].append(tokens_per_second(model, args.batch, args.seq, args.iters, args.warmup))
-    rate = {name: statistics.median(values) for name, values in samples.items()}
+    steps = {}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        steps[name] = build_step(build(args.hidden), args.batch, args.seq)
+    seconds = time_steps(steps, args.iters, args.warmup)
+    tokens = args.batch * args.seq
+    rate = {name: tokens / statistics.median(values) for name, values in seconds.items()}
     for name, value in rate.items():
-        runs = ", ".join(f"{v:.0f}" for v in samples[name])
-        print(f"{name:>9}: {value:10.0f} tokens/s  (runs: {runs})")
+        best = tokens / min(seconds[name])
+        print(f"{name:>9}: {value:8.0f} tokens/s median step  ({best:.0f} best step)")
     print(f"ours / per-step: {rate['ours'] / rate['per-step']:.2f}x  (target >= 1.6x)")
     print(f"ours / nn.LSTM:  {rate['ours'] / rate['nn.LSTM']:.2f}x  (target >= 0.7x)")
     return 0

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.s3_fixtures"]
 
 
-def tiny_args(checkpoint_dir: Path, *extra: str) -> list[str]:
+def tiny_args(checkpoint_dir: Path | str, *extra: str) -> list[str]:
     """Trainer flags for a model small enough to train a few dozen steps in seconds."""
     return [
         "--hidden-size", "64", "--embed-dim", "16", "--batch-size", "8", "--seq-len", "32",

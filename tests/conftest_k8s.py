@@ -210,3 +210,54 @@ def kubeconfig(k8s_api: K8sApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     path = write_kubeconfig(tmp_path / "kubeconfig", k8s_api.url, namespace="team")
     monkeypatch.setenv("KUBECONFIG", str(path))
     return path
+
+
+# --- Schema validation of rendered objects ---------------------------------------------------------
+# kubernetes-validate ships the upstream OpenAPI schemas of core Kubernetes kinds only. A PyTorchJob
+# is checked by deserialising it into kubeflow-training's model (which must round-trip without losing
+# a field) and validating each replica's pod template as a core PodTemplate; a PodMonitor (no schema
+# here) by the structure the Prometheus Operator reads.
+
+def validate_core(obj: dict[str, Any]) -> None:
+    """Validate a core Kubernetes object against the upstream schema (strict: unknown fields fail)."""
+    import kubernetes_validate
+
+    from mlstm_platform.constants import KUBE_VERSION
+
+    kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def validate_pytorchjob(obj: dict[str, Any]) -> Any:
+    """Deserialise into KubeflowOrgV1PyTorchJob (no field lost) and validate every pod template."""
+    from kubeflow.training.api_client import ApiClient
+
+    from mlstm_platform.jobs import to_model
+
+    model = to_model(obj)
+    assert ApiClient().sanitize_for_serialization(model) == obj, "PyTorchJob has fields the kubeflow model does not know"
+    for replica_type, spec in obj["spec"]["pytorchReplicaSpecs"].items():
+        validate_core({"apiVersion": "v1", "kind": "PodTemplate",
+                       "metadata": {"name": f"{obj['metadata']['name']}-{replica_type.lower()}"},
+                       "template": spec["template"]})
+    return model
+
+
+def validate_podmonitor(obj: dict[str, Any]) -> None:
+    """The PodMonitor fields the Prometheus Operator (monitoring.coreos.com/v1) reads."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] == "PodMonitor"
+    assert set(obj["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels"}
+    assert obj["spec"]["selector"]["matchLabels"]
+    assert all(isinstance(n, str) for n in obj["spec"]["namespaceSelector"]["matchNames"])
+    for endpoint in obj["spec"]["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "honorLabels", "scrapeTimeout", "relabelings"}
+        assert len(endpoint["port"]) <= 15 and endpoint["path"].startswith("/")
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    """Validate any object the platform renders, by kind."""
+    if obj["kind"] == "PyTorchJob":
+        validate_pytorchjob(obj)
+    elif obj["kind"] == "PodMonitor":
+        validate_podmonitor(obj)
+    else:
+        validate_core(obj)

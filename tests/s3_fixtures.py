@@ -47,6 +47,14 @@ def make_bucket(environ: dict[str, str]) -> str:
     return bucket
 
 
+def remove_bucket(environ: dict[str, str], bucket: str) -> None:
+    """Delete every object in `bucket`, then the bucket."""
+    client = make_minio_client(_settings(environ))
+    for item in client.list_objects(bucket, recursive=True):
+        client.remove_object(bucket, item.object_name)
+    client.remove_bucket(bucket)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 and a free port, for the whole session; yields its endpoint URL."""
@@ -66,10 +74,9 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_env(s3_server: str) -> dict[str, str]:
     """S3 variables for the moto server plus "bucket": a fresh, empty bucket for this test."""
+    # moto keeps buckets in memory for the session; a unique name per test is isolation enough.
     environ = s3_vars(s3_server)
-    bucket = make_bucket(environ)
-    yield {**environ, "bucket": bucket}
-    remove_bucket(environ, bucket)
+    return {**environ, "bucket": make_bucket(environ)}
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def _job_option_params(
     scheduler: Annotated[Optional[str], typer.Option(help=f"Gang scheduling: {', '.join(SCHEDULERS)} (default: kueue with --queue, else none).", rich_help_panel=SCHEDULING)] = None,
     queue: Annotated[str, typer.Option(help="Kueue LocalQueue (kueue.x-k8s.io/queue-name), or the Volcano queue.", rich_help_panel=SCHEDULING)] = "",
     priority_class: Annotated[str, typer.Option(help="PriorityClass of the pods (the chart can create one).", rich_help_panel=SCHEDULING)] = "",
-    restart_policy: Annotated[str, typer.Option(help=f"{' or '.join(RESTART_POLICIES)}: ExitCode retries only signal exits (preemption, OOM kill); the trainer resumes from its checkpoint.", rich_help_panel=SCHEDULING)] = "ExitCode",
+    restart_policy: Annotated[str, typer.Option(help=f"{' or '.join(RESTART_POLICIES)}: OnFailure restarts any failed pod (the trainer resumes from its checkpoint); ExitCode only pods killed by a signal.", rich_help_panel=SCHEDULING)] = "OnFailure",
     backoff_limit: Annotated[int, typer.Option(help="Pod restarts allowed before the job fails.", rich_help_panel=SCHEDULING)] = 5,
     ttl_after_finished: Annotated[int, typer.Option(help="Seconds a finished job (and its ConfigMap) is kept.", rich_help_panel=SCHEDULING)] = 86400,
     clean_pod_policy: Annotated[str, typer.Option(help=f"Pods deleted when the job ends: {', '.join(CLEAN_POD_POLICIES)}.", rich_help_panel=SCHEDULING)] = "Running",

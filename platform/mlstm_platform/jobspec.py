@@ -129,8 +129,8 @@ class JobSpec:
     """Add IPC_LOCK so NCCL can pin memory for RDMA (leaves the restricted profile)."""
     extra_resources: Mapping[str, str] = field(default_factory=dict)
     """Extra resource limits per pod, e.g. rdma/hca_shared_devices_a=1."""
-    restart_policy: str = "ExitCode"
-    """ExitCode (retry only exit codes 128-255, i.e. signals) or OnFailure."""
+    restart_policy: str = "OnFailure"
+    """OnFailure (any failed pod restarts and resumes; torchrun exits 1 when a rank dies) or ExitCode (signals only)."""
     backoff_limit: int = 5
     """Pod restarts allowed before the job fails."""
     ttl_seconds_after_finished: int = 86400
@@ -171,10 +171,11 @@ class JobSpec:
 
     def _check_sources(self) -> None:
         _require(bool(self.image) and not any(c.isspace() for c in self.image), f"--image {self.image!r} is not an image reference")
-        scheme = self.data.split("://", 1)[0] if "://" in self.data else ""
-        _require(scheme in ("", "s3") and (scheme or not self.data or self.data.startswith("/")),
+        is_s3 = self.data.startswith("s3://")
+        _require(not self.data or is_s3 or self.data.startswith("/"),
                  f"--data must be an s3://bucket/prefix URL or an absolute path inside the image, got {self.data!r}")
-        _require(self.data != "s3://" and not self.data.startswith("s3:///"), f"--data {self.data!r} names no bucket")
+        _require(not is_s3 or not self.data[len("s3://"):].startswith("/") and len(self.data) > len("s3://"),
+                 f"--data {self.data!r} names no bucket")
 
     def _check_policies(self) -> None:
         _require(self.restart_policy in RESTART_POLICIES,

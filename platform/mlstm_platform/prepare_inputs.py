@@ -152,7 +152,8 @@ def _json_documents(stream: IO[bytes], path: Path, field: str, position: _Positi
 def json_text(line: bytes, field: str, where: str) -> bytes:
     """The UTF-8 bytes of `field` in one JSON line; `where` (file:line) names it in errors."""
     try:
-        record = json.loads(line)
+        # Decoding here skips json's per-call encoding sniffing (a third of its time); -sig drops a BOM.
+        record = json.loads(line.decode("utf-8-sig"))
     except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
         raise PrepareError(f"{where}: not valid JSON ({reason}); JSON-lines files hold one object per line") from None
@@ -166,7 +167,8 @@ def json_text(line: bytes, field: str, where: str) -> bytes:
     except UnicodeEncodeError:  # a lone surrogate such as "\ud800" decodes from JSON but has no UTF-8
         raise PrepareError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate, not text") from None
     if _SEPARATOR in data:
-        raise PrepareError(f"{where}: field {field!r} contains byte {DOC_SEPARATOR:#04x}, which marks document ends; remove it")
+        raise PrepareError(
+            f"{where}: field {field!r} contains byte {DOC_SEPARATOR:#04x}, which marks document ends; remove it")
     return data
 
 

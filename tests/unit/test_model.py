@@ -118,22 +118,35 @@ def test_reset_at_first_step_ignores_initial_state() -> None:
 
 
 @pytest.mark.parametrize(
-    "with_keep", [pytest.param(False, id="no-keep"), pytest.param(True, id="keep-mask")]
+    ("with_keep", "time_major"),
+    [
+        pytest.param(False, False, id="no-keep"),
+        pytest.param(True, False, id="keep-mask"),
+        # The model passes [T, B, ...] memory as [B, T, ...] views; buffers follow that layout.
+        pytest.param(True, True, id="keep-mask-time-major-views"),
+    ],
 )
-def test_recurrence_gradcheck(with_keep: bool) -> None:
+def test_recurrence_gradcheck(with_keep: bool, time_major: bool) -> None:
     batch, steps, hidden = 2, 4, 3
     gen = torch.Generator().manual_seed(3)
 
     def rand(*shape: int) -> Tensor:
         return (0.5 * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
 
-    inputs = (rand(batch, steps, hidden), rand(batch, steps, 4 * hidden), rand(hidden, hidden),
+    lead = (steps, batch) if time_major else (batch, steps)
+    inputs = (rand(*lead, hidden), rand(*lead, 4 * hidden), rand(hidden, hidden),
               rand(4 * hidden, hidden), rand(batch, hidden), rand(batch, hidden))
     keep = None
     if with_keep:
         keep = torch.ones(batch, steps, dtype=torch.float64)
         keep[0, 2] = keep[1, 0] = 0.0
-    assert torch.autograd.gradcheck(lambda *a: mlstm_recurrence(*a, keep), inputs)
+
+    def run(xm: Tensor, xg: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if time_major:
+            xm, xg = xm.transpose(0, 1), xg.transpose(0, 1)
+        return mlstm_recurrence(xm, xg, *rest, keep)
+
+    assert torch.autograd.gradcheck(run, inputs)
 
 
 @pytest.mark.parametrize(

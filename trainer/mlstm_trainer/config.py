@@ -57,15 +57,12 @@ class DataConfig:
     """How many steps ahead shards of a prepared dataset are fetched in the background."""
     fetch_workers: int = 4
     """Threads fetching shards from S3/MinIO."""
-    retry_seconds: float = 120.0
-    """How long transient S3 errors (refused, 5xx, timeouts) are retried before training stops."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _require(self.seq_len > 0, "data.seq_len", "must be > 0", self.seq_len)
         _require(self.prefetch_steps >= 0, "data.prefetch_steps", "must be >= 0", self.prefetch_steps)
         _require(self.fetch_workers > 0, "data.fetch_workers", "must be > 0", self.fetch_workers)
-        _require(self.retry_seconds >= 0, "data.retry_seconds", "must be >= 0", self.retry_seconds)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -176,10 +173,13 @@ class TrainConfig:
     """auto (CUDA when available), cpu or cuda."""
     sample_chars: int = 0
     """Characters to sample from the model at the end of training (0 = none)."""
+    retry_seconds: float = 120.0
+    """How long transient S3 errors (refused, 5xx, timeouts) on data or checkpoints are retried before stopping."""
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}", self.device)
         _require(self.sample_chars >= 0, "sample_chars", "must be >= 0", self.sample_chars)
+        _require(self.retry_seconds >= 0, "retry_seconds", "must be >= 0", self.retry_seconds)
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -73,11 +73,14 @@ class MLSTM(nn.Module):
             ``(logits [B, T, vocab], (h_last, c_last))``.  Logits are float32 under autocast and the
             parameters' dtype otherwise; the state is in the recurrence's compute dtype.
         """
-        emb = self.embed(tokens)
+        # Time-major [T, B, ...] activations, handed to the recurrence as [B, T, ...] views: every step
+        # then reads and writes contiguous [B, ...] blocks, which the matmul kernels need (a strided
+        # slice would be copied first, once per step and matmul).
+        emb = self.embed(tokens.t())
         # Input projections for the whole sequence at once: two big matmuls instead of 2*T small ones.
         # Under autocast these follow autocast's dtype, which then sets the recurrence's dtype.
-        xm = F.linear(emb, self.w_mx())
-        xg = F.linear(emb, self.w_x(), self.bias)
+        xm = F.linear(emb, self.w_mx()).transpose(0, 1)
+        xg = F.linear(emb, self.w_x(), self.bias).transpose(0, 1)
         dtype = xg.dtype
         if state is None:
             state = self.init_state(tokens.shape[0], device=tokens.device, dtype=dtype)
@@ -87,7 +90,7 @@ class MLSTM(nn.Module):
         w_mh = self.w_mh().to(dtype)
         w_h = self.w_h().to(dtype)
         hs, h_last, c_last = mlstm_recurrence(xm.to(dtype), xg, w_mh, w_h, h0, c0, keep)
-        logits = self.out(hs)
+        logits = self.out(hs.transpose(0, 1)).transpose(0, 1).contiguous()
         if torch.is_autocast_enabled(tokens.device.type):
             # Loss in fp32: fp16 log-softmax over 256 classes loses too much precision.
             logits = logits.float()

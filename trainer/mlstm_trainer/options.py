@@ -43,6 +43,7 @@ FLAGS: dict[str, str] = {
     "--seed": "seed",
     "--device": "device",
     "--sample-chars": "sample_chars",
+    "--retry-seconds": "retry_seconds",
 }
 CONFIG_ENV = "MLSTM_CONFIG"
 

@@ -101,11 +101,12 @@ class _RecurrentMatmul:
         if _use_onednn(weight, steps):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
 
-    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
-        """Write ``x @ weight.T`` into ``out`` and return it."""
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x @ weight.T``, written into ``out`` when given, else a new tensor."""
         if self.packed is None:
             return torch.mm(x, self.weight.t(), out=out)
-        return out.copy_(torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], ""))
+        product = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return product if out is None else out.copy_(product)
 
     def plus(self, x: Tensor, other: Tensor) -> Tensor:
         """A new tensor ``other + x @ weight.T`` (the add fused into the matmul)."""
@@ -224,7 +225,6 @@ def _backward_loop(
     d_mh = torch.empty_like(xm)  # per-step d(h_{t-1} @ w_mh.T); stored for dW_mh
     dh = _zeros_or_clone(grad_h_last, xm)  # running dL/dh_t
     dc = _zeros_or_clone(grad_c_last, xm)  # running dL/dc_t
-    d_m = torch.empty_like(dh)
     scratch = torch.empty_like(dh)
     # Backward multiplies by the weights untransposed: x @ w == x @ (w.T).T
     dm_matmul = _RecurrentMatmul(w_h.t(), batch, steps)
@@ -244,10 +244,10 @@ def _backward_loop(
         _tanh_backward(dz_u, u, grad_input=dz_u)
         _sigmoid_backward(dz[:, : 3 * hidden], g[:, : 3 * hidden], grad_input=dz[:, : 3 * hidden])
         dc.mul_(f)  # now dL/d c_prev (after reset)
-        dm_matmul(dz, out=d_m)
+        d_m = dm_matmul(dz)
         torch.mul(d_m, mh[:, t], out=dxm[:, t])
         torch.mul(d_m, xm[:, t], out=d_mh[:, t])
-        dh_matmul(d_mh[:, t], out=dh)  # now dL/d h_prev (after reset)
+        dh = dh_matmul(d_mh[:, t])  # now dL/d h_prev (after reset)
         if keep is not None:
             keep_t = keep[:, t : t + 1]
             dh.mul_(keep_t)
@@ -265,17 +265,46 @@ def _weight_grads(
     keep: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """dW_mh and dW_h as one matmul each over all B*T rows (instead of T small ones in the loop)."""
-    batch, steps, hidden = hs.shape
+    hidden = hs.shape[2]
+    # Pair rows in the buffers' memory order so flattening is a view, not a copy (see _rows).
+    time_major = _is_time_major(dz)
     dw_mh = dw_h = None
     if needs_input_grad[3]:
-        dw_h = dz.reshape(-1, 4 * hidden).t().mm(m.reshape(-1, hidden))
+        dw_h = _rows(dz, time_major).t().mm(_rows(m, time_major))
     if needs_input_grad[2]:
-        # h_{t-1} for every step, rebuilt here rather than stored by forward: saves B*T*H memory.
-        h_prev = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)
-        if keep is not None:
-            h_prev.mul_(keep.unsqueeze(2))
-        dw_mh = d_mh.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
+        dw_mh = _rows(d_mh, time_major).t().mm(_h_prev_rows(h0, hs, keep, time_major))
     return dw_mh, dw_h
+
+
+def _h_prev_rows(h0: Tensor, hs: Tensor, keep: Tensor | None, time_major: bool) -> Tensor:
+    """Every step's h_{t-1} (after resets) as ``[B*T, H]`` rows in the order ``_rows`` uses.
+
+    Rebuilt from ``hs`` here rather than stored by forward: saves B*T*H memory for one cheap copy.
+    """
+    seq_dim = 0 if time_major else 1
+    if time_major:
+        hs = hs.transpose(0, 1)
+        keep = None if keep is None else keep.t()
+    h_prev = torch.cat([h0.unsqueeze(seq_dim), hs.narrow(seq_dim, 0, hs.shape[seq_dim] - 1)], seq_dim)
+    if keep is not None:
+        h_prev.mul_(keep.unsqueeze(2))
+    return h_prev.reshape(-1, h_prev.shape[2])
+
+
+def _is_time_major(x: Tensor) -> bool:
+    """Whether ``[B, T, F]`` ``x`` keeps each step's ``[B, F]`` slice together in memory."""
+    return x.stride(1) > x.stride(0)
+
+
+def _rows(x: Tensor, time_major: bool) -> Tensor:
+    """``[B, T, F]`` -> ``[B*T, F]``, rows ordered (t, b) if ``time_major`` else (b, t).
+
+    Both operands of a weight-gradient matmul must use the same order; choosing the order that matches
+    their memory layout makes this a free view (it copies only when a layout disagrees).
+    """
+    if time_major:
+        x = x.transpose(0, 1)
+    return x.reshape(-1, x.shape[2])
 
 
 def _zeros_or_clone(grad: Tensor | None, like: Tensor) -> Tensor:

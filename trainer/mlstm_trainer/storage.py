@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 T = TypeVar("T")
 ENDPOINT_ENV = "MLSTM_S3_ENDPOINT"
@@ -184,6 +185,10 @@ class S3Store:
         parsed = urlparse(url)
         if not parsed.netloc:
             raise StorageError(f"{url} names no bucket; use s3://bucket/prefix")
+        try:
+            check_bucket_name(parsed.netloc)
+        except ValueError as err:  # minio raises it from every call; say it once, up front
+            raise StorageError(f"{url}: {err}") from None
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.retry = retry or RetryPolicy()

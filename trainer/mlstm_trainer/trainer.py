@@ -33,6 +33,7 @@ from .precision import MixedPrecision
 from .report import JsonlLog, ProgressDisplay, StepStats
 from .schedule import build_schedule
 from .shard_source import open_source
+from .storage import RetryPolicy, open_store
 from .streams import RowStreams
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -94,7 +95,7 @@ def build_ddp(model: MLSTM, config: TrainConfig, ctx: DistContext) -> Distribute
 
 def build_streams(config: TrainConfig, ctx: DistContext) -> RowStreams:
     d = config.data
-    source = open_source(d.path, "train", workers=d.fetch_workers, retry_seconds=d.retry_seconds)
+    source = open_source(d.path, "train", workers=d.fetch_workers, retry_seconds=config.retry_seconds)
     return RowStreams(source, global_rows=d.batch_size * ctx.world_size, seq_len=d.seq_len,
                       rank=ctx.rank, world_size=ctx.world_size, prefetch_steps=d.prefetch_steps)
 
@@ -139,7 +140,10 @@ class Trainer:
         self.global_batch = config.data.batch_size * ctx.world_size
         self.schedule = build_schedule(config.optim, self.global_batch)
         self.streams = build_streams(config, ctx)
-        self.checkpointer = Checkpointer(config.checkpoint.dir, keep=config.checkpoint.keep)
+        self.checkpointer = Checkpointer(
+            config.checkpoint.dir, keep=config.checkpoint.keep,
+            store=open_store(config.checkpoint.dir, retry=RetryPolicy(max_seconds=config.retry_seconds)),
+        )
         self.peak_flops = peak_flops(ctx.device, config.precision.mode)
         self.metrics = metrics if metrics is not None else build_metrics(config, ctx)
         self.log = JsonlLog(config.metrics.log_jsonl if ctx.is_main else "")
