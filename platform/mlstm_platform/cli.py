@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import dashboard_cmd, data_cmd, k8s_cmd, train_cmd
+from . import dashboard_cmd, data_cmd, k8s_cmd, train_cmd, transfer_cmd
 
 app = typer.Typer(
     name="mlstm",
@@ -17,6 +17,7 @@ train_cmd.register(app)
 k8s_cmd.register(app)
 dashboard_cmd.register(app)
 data_cmd.register(app)
+transfer_cmd.register(app)
 
 
 def main() -> None:

@@ -30,6 +30,10 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 PAPER_MODEL = {"hidden_size": 4096, "embed_dim": 64}
 PAPER_SEQ_LEN = 256
 PAPER_GLOBAL_BATCH = 32768
+# Three epochs of 40 GB at 32768 x 256 characters per step; checkpoints every ~10 minutes of that run.
+PAPER_STEPS = -(-3 * 40 * 10**9 // (PAPER_GLOBAL_BATCH * PAPER_SEQ_LEN))
+PAPER_OPTIM = {"steps": PAPER_STEPS, "lr": 5e-4, "lr_scaling": "sqrt", "lr_cap": 3e-3, "warmup_steps": 200}
+PAPER_CHECKPOINT_EVERY = 500
 # Per GPU (or per process with --cpu-only): CPU cores, memory, shared memory.
 GPU_POD_SHARE = (4, 32, 2)
 CPU_POD_SHARE = (1, 2, 1)
@@ -283,8 +287,9 @@ def build_train_config(spec: JobSpec, trainer_args: Sequence[str] = ()) -> Train
         "model": dict(PAPER_MODEL),
         "data": {"path": spec.data, "batch_size": spec.rank_batch, "seq_len": PAPER_SEQ_LEN},
         # fp16 autocast is a GPU recipe; CPU smoke runs stay in fp32.
+        "optim": dict(PAPER_OPTIM),
         "precision": {"mode": "fp32" if spec.cpu_only else "fp16"},
-        "checkpoint": {"dir": f"s3://{spec.bucket}/{spec.name}/checkpoints"},
+        "checkpoint": {"dir": f"s3://{spec.bucket}/{spec.name}/checkpoints", "every": PAPER_CHECKPOINT_EVERY},
         "metrics": {"port": METRICS_PORT, "host": "0.0.0.0", "job": spec.name},
         "device": "cpu" if spec.cpu_only else "cuda",
     }

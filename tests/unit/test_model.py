@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mlstm_trainer.model import MLSTM
+from mlstm_trainer.model import MLSTM, WeightNormLinearWeight
 from mlstm_trainer.recurrence import mlstm_recurrence
 
 B, T, E, H, V = 3, 7, 5, 6, 11
@@ -232,6 +232,20 @@ def test_autocast_cpu(dtype: torch.dtype) -> None:
         assert param.grad.dtype == torch.float32, name
         assert torch.isfinite(param.grad).all(), name
     assert model.w_h.v.grad.abs().sum() > 0
+
+
+def test_weight_norm_gradcheck() -> None:
+    """The weight-norm weight (hand-written backward) against its formula and finite differences."""
+    gen = torch.Generator().manual_seed(6)
+    module = WeightNormLinearWeight(4, 3).double()
+    v = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(4, generator=gen, dtype=torch.float64).add_(0.5).requires_grad_()
+
+    def weight(v: Tensor, g: Tensor) -> Tensor:
+        return torch.func.functional_call(module, {"v": v, "g": g}, ())
+
+    torch.testing.assert_close(weight(v, g), g.unsqueeze(1) * v / v.norm(dim=1, keepdim=True))
+    assert torch.autograd.gradcheck(weight, (v, g))
 
 
 def test_double_model_end_to_end() -> None:

@@ -24,7 +24,7 @@ RUNTIME_ERRORS = (StorageError,)
 def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
-        ctx = init_distributed(config.device)
+        ctx = init_distributed(config.device, config.dist_timeout_seconds)
         try:
             trainer = Trainer(config, ctx)
             state = trainer.train(show_progress=sys.stderr.isatty())

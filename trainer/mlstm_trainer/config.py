@@ -175,11 +175,14 @@ class TrainConfig:
     """Characters to sample from the model at the end of training (0 = none)."""
     retry_seconds: float = 120.0
     """How long transient S3 errors (refused, 5xx, timeouts) on data or checkpoints are retried before stopping."""
+    dist_timeout_seconds: float = 300.0
+    """How long a collective waits for a lost rank before the job fails (and restarts from its checkpoint)."""
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}", self.device)
         _require(self.sample_chars >= 0, "sample_chars", "must be >= 0", self.sample_chars)
         _require(self.retry_seconds >= 0, "retry_seconds", "must be >= 0", self.retry_seconds)
+        _require(self.dist_timeout_seconds > 0, "dist_timeout_seconds", "must be > 0", self.dist_timeout_seconds)
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

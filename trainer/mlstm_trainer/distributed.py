@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_choice: str) -> DistContext:
+def init_distributed(device_choice: str, timeout_seconds: float = 300.0) -> DistContext:
     """Read torchrun's environment and join the process group when there is more than one process."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,7 +50,8 @@ def init_distributed(device_choice: str) -> DistContext:
     device = pick_device(device_choice, local_rank)
     if world_size > 1 and not dist.is_initialized():
         # NCCL for GPUs; gloo lets the same code run (and be tested) on CPUs.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A bounded timeout turns a dead peer into a failed job (restarted from its checkpoint), not a hang.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_seconds))
     node = os.environ.get("NODE_NAME") or socket.gethostname()
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, node=node)
 
