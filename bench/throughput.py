@@ -7,7 +7,8 @@ Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward
 * ``nn.LSTM``: ``torch.nn.LSTM`` with the same hidden size and the same embedding/readout layers.
 
 It reports and never asserts (exit code 0).  Models are timed step by step in turn and tokens/s comes
-from the median step time, but CPU timings on a shared machine stay noisy: run it a few times.  Targets from the performance issue: ours >= 1.6x per-step, >= 0.7x nn.LSTM.
+from the median step time, but CPU timings on a shared machine stay noisy: run it a few times.
+Targets from the performance issue: ours >= 1.6x per-step and >= 0.7x nn.LSTM.
 
     python bench/throughput.py --hidden 1024 --batch 32 --seq 64
 """

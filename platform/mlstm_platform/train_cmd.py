@@ -7,7 +7,7 @@ environment variables stay defined in one place (mlstm_trainer.options).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -43,8 +43,32 @@ def sample(
     typer.echo(prompt + sample_text(model, prompt=prompt, length=length, temperature=temperature, seed=seed))
 
 
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder or a run's checkpoint directory/URL (then its latest).")],
+    data: Annotated[Optional[str], typer.Option(help="Dataset URL or text path; default: the data the model was trained on.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: val or test.")] = "val",
+    rows: Annotated[int, typer.Option(min=1, help="Contiguous streams the split is read as.")] = 16,
+    max_steps: Annotated[int, typer.Option(min=0, help="Cap on batches; 0 reads the whole split.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Bits per character of a checkpoint on a held-out split."""
+    from mlstm_trainer.corpus import CorpusError
+    from mlstm_trainer.evaluate import evaluate_checkpoint
+    from mlstm_trainer.shards import ManifestError
+    from mlstm_trainer.storage import StorageError
+
+    if split not in ("val", "test"):
+        raise fail(f"--split must be val or test, got {split!r}")
+    try:
+        result = evaluate_checkpoint(checkpoint, data=data, split=split, rows=rows, max_steps=max_steps, device=device)
+    except (CheckpointError, CorpusError, ManifestError, StorageError) as err:
+        raise fail(str(err)) from None
+    typer.echo(f"{split} bits per character: {result.bpc:.4f} over {result.chars:,} characters")
+
+
 def register(app: typer.Typer) -> None:
     app.command(
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     )(train)
     app.command()(sample)
+    app.command("eval")(evaluate)

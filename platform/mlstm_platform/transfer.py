@@ -82,10 +82,11 @@ def read_labelled(path: str | Path) -> LabelledTexts:
     return LabelledTexts(path=path, texts=texts, labels=labels)
 
 
-def _require_columns(path: Path, columns: Sequence[str]) -> None:
+def _require_columns(where: str, columns: Sequence[str], noun: str = "column") -> None:
+    """Raise unless `columns` has both fields; `where` is the file (and line) named in the message."""
     for needed in (LABEL_COLUMN, TEXT_COLUMN):
         if needed not in columns:
-            raise TransferError(f"{path.name} has no '{needed}' column (columns: {', '.join(columns) or 'none'})")
+            raise TransferError(f"{where} has no '{needed}' {noun} ({noun}s: {', '.join(columns) or 'none'})")
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
@@ -94,7 +95,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             raise TransferError(f"{path.name} is empty")
-        _require_columns(path, [name.strip() for name in reader.fieldnames])
+        _require_columns(path.name, [name.strip() for name in reader.fieldnames])
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
         try:
             return [(reader.line_num, row) for row in reader]
@@ -114,7 +115,7 @@ def _read_json_lines(path: Path) -> list[tuple[int, dict]]:
                 row = None
             if not isinstance(row, dict):
                 raise TransferError(f"{path.name} line {number} is not a JSON object")
-            _require_columns(path, list(row))
+            _require_columns(f"{path.name} line {number}", list(row), noun="key")
             rows.append((number, row))
     if not rows:
         raise TransferError(f"{path.name} is empty")

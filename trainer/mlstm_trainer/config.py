@@ -53,6 +53,8 @@ class DataConfig:
     """Rows (independent byte streams) per process; the global batch is this times the world size."""
     seq_len: int = 128
     """Characters per row per step (truncated back-propagation length)."""
+    val_fraction: float = 0.05
+    """For plain-text data: the share of bytes (whole documents at the end) held out for validation."""
     prefetch_steps: int = 64
     """How many steps ahead shards of a prepared dataset are fetched in the background."""
     fetch_workers: int = 4
@@ -61,6 +63,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _require(self.seq_len > 0, "data.seq_len", "must be > 0", self.seq_len)
+        _require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", self.val_fraction)
         _require(self.prefetch_steps >= 0, "data.prefetch_steps", "must be >= 0", self.prefetch_steps)
         _require(self.fetch_workers > 0, "data.fetch_workers", "must be > 0", self.fetch_workers)
 
@@ -121,6 +124,23 @@ class PrecisionConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Validation bits per character during training."""
+
+    every: int = 100
+    """Evaluate on the validation split every this many steps and at the end; 0 turns it off."""
+    rows: int = 16
+    """Global rows (contiguous streams) of the validation split; fixed so any world size gets the same number."""
+    max_steps: int = 0
+    """Cap on validation batches per evaluation; 0 evaluates the whole split."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0", self.every)
+        _require(self.rows > 0, "eval.rows", "must be > 0", self.rows)
+        _require(self.max_steps >= 0, "eval.max_steps", "must be >= 0", self.max_steps)
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """Where and how often training state is saved (and resumed from)."""
 
@@ -165,6 +185,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 1234

@@ -159,3 +159,20 @@ def _read_documents(files: list[Path]) -> Iterator[bytes]:
                 "remove the byte or the file"
             )
         yield data
+
+
+def holdout_split(corpus: Corpus, fraction: float) -> tuple[Corpus, Corpus | None]:
+    """(train, val): the documents in the last `fraction` of the bytes are held out for validation.
+
+    The cut falls on a document start, so both parts keep the format. A single document, or a
+    fraction of 0, holds nothing out (val is None).
+    """
+    cut_at = int(len(corpus) * (1.0 - fraction))
+    later = corpus.doc_starts[corpus.doc_starts >= cut_at]
+    if fraction <= 0 or later.size == 0 or later[0] == 0:
+        return corpus, None
+    cut = int(later[0])
+    train = Corpus(data=corpus.data[:cut], doc_starts=corpus.doc_starts[corpus.doc_starts < cut], name=corpus.name)
+    val = Corpus(data=corpus.data[cut:], doc_starts=later - cut, name=f"{corpus.name} (held-out val)")
+    return train, val
+

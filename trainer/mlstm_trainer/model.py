@@ -132,7 +132,8 @@ class MLSTM(nn.Module):
         device = self.bias.device if device is None else device
         dtype = self.bias.dtype if dtype is None else dtype
         shape = (batch_size, self.hidden_size)
-        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        h0 = torch.zeros(shape, device=device, dtype=dtype)
+        return h0, torch.zeros_like(h0)
 
     def num_parameters(self) -> int:
         """Trainable parameter count (weight-norm ``g`` vectors included)."""

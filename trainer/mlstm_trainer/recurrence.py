@@ -12,9 +12,10 @@ compute the weight gradients as T small matmuls.  Here the loops (forward and ba
 recurrent matmuls and pointwise work into preallocated buffers, and the weight gradients are two big
 matmuls over all ``B*T`` rows at the end, the way cuDNN does its LSTMs.
 
-Buffers are batch-major ``[B, T, ...]`` so that ``hs``, ``dxm`` and ``dxg`` come out contiguous without
-a final transpose; a per-step slice ``buf[:, t]`` has rows of stride ``T*width``, which BLAS takes as a
-leading dimension, so the matmuls read and write the slices in place.
+Layout: buffers copy the memory layout of ``xm``/``xg`` (``empty_like``).  The model passes time-major
+``[T, B, ...]`` memory viewed as ``[B, T, ...]``, so each step's ``[B, ...]`` slice is one contiguous
+block, which the packed matmul needs (it would copy a strided slice first).  Plain batch-major inputs
+work too, with per-step slices of row stride ``T * width``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 # in one pass each, instead of the three or four temporaries the spelled-out formulas need.
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
-# Packing a weight for oneDNN costs about as much as a few steps' matmuls; shorter loops (e.g. sampling
-# one token at a time) use plain matmuls instead.
-_MIN_STEPS_TO_PACK = 4
+# When packing a weight for oneDNN pays off (measured on one core at B=32): the reorder costs about as
+# much as a few steps' matmuls, so short loops (e.g. sampling token by token) skip it; and oneDNN's fixed
+# per-call cost outweighs its faster kernel for small weights (below about 4H x H with H = 360).
+_MIN_STEPS_TO_PACK = 8
+_MIN_WEIGHT_NUMEL_TO_PACK = 1 << 19
 
 
 def mlstm_recurrence(
@@ -79,8 +82,11 @@ def _check_inputs(
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"mlstm_recurrence: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-        if tensor.dtype != xm.dtype:
-            raise TypeError(f"mlstm_recurrence: {name} is {tensor.dtype} but xm is {xm.dtype}")
+        if tensor.dtype != xm.dtype or tensor.device != xm.device:
+            raise TypeError(
+                f"mlstm_recurrence: {name} is {tensor.dtype} on {tensor.device}, "
+                f"but xm is {xm.dtype} on {xm.device}"
+            )
     if steps == 0:
         raise ValueError("mlstm_recurrence: the sequence is empty (T == 0)")
 
@@ -88,9 +94,9 @@ def _check_inputs(
 class _RecurrentMatmul:
     """``x @ weight.T`` for a weight that every step of the loop reuses with the same batch size.
 
-    On CPU in float32 the weight is reordered once into oneDNN's blocked layout: a plain ``torch.mm``
-    with only B (e.g. 32) rows spends a large share of each call re-packing the whole weight, which is
-    most of why a per-step loop trails ``torch.nn.LSTM`` (whose oneDNN kernel packs once per sequence).
+    On CPU in float32 the weight is reordered once per loop into oneDNN's blocked layout, as
+    ``torch.nn.LSTM``'s oneDNN kernel does: a plain ``torch.mm`` re-packs the whole weight on every call,
+    and with only B (e.g. 32) rows that made each step about 20-25% slower (B=32, H=1024, one core).
     Elsewhere (CUDA, other dtypes, CPU builds without oneDNN, very short sequences where packing would
     not pay off) it is a plain matmul.
     """
@@ -119,6 +125,7 @@ def _use_onednn(weight: Tensor, steps: int) -> bool:
     """Whether packing the weight for oneDNN is possible here and worth its one-off cost."""
     return (
         steps >= _MIN_STEPS_TO_PACK
+        and weight.numel() >= _MIN_WEIGHT_NUMEL_TO_PACK
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()

@@ -40,6 +40,8 @@ class StepStats:
     """Fraction of the planned steps done."""
     eta_seconds: float
     """Time left at the current rate."""
+    val_bpc: float | None = None
+    """Validation bits per character, on steps that evaluated."""
 
     @property
     def bpc(self) -> float:
@@ -49,6 +51,8 @@ class StepStats:
         """The JSONL record: the fields the issue promises, plus the timing ones."""
         record = asdict(self)
         record["bpc"] = self.bpc
+        if self.val_bpc is None:
+            del record["val_bpc"]
         return record
 
 

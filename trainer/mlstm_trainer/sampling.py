@@ -14,7 +14,11 @@ from .model import MLSTM
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MLSTM:
     """Rebuild the model a checkpoint was trained with and load its weights."""
-    state = load_checkpoint(checkpoint, map_location=device)
+    return model_from_state(load_checkpoint(checkpoint, map_location=device), device)
+
+
+def model_from_state(state: dict, device: str | torch.device = "cpu") -> MLSTM:
+    """The model of an already loaded checkpoint state, in eval mode."""
     shape = config_from_dict(state[CONFIG]).model
     model = MLSTM(vocab_size=shape.vocab_size, embed_dim=shape.embed_dim, hidden_size=shape.hidden_size)
     model.load_state_dict(state[MODEL])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import Corpus, CorpusError, load_corpus
+from .corpus import Corpus, CorpusError, holdout_split, load_corpus
 from .shards import MANIFEST_NAME, DatasetManifest, ShardInfo, read_manifest
 from .storage import ObjectStore, RetryPolicy, StorageError, is_s3_url, open_store
 
@@ -125,10 +125,21 @@ def is_prepared_dataset(path: str) -> bool:
     return is_s3_url(path) or (bool(path) and (Path(path) / MANIFEST_NAME).is_file())
 
 
-def open_source(path: str, split: str = "train", *, workers: int = 4, retry_seconds: float = 120.0,
-                environ: Mapping[str, str] | None = None) -> Corpus | ShardSource:
-    """The bytes to train on: a prepared dataset's split, or plain text (a file, a directory, or embedded)."""
+def open_source(path: str, split: str = "train", *, val_fraction: float = 0.0, workers: int = 4,
+                retry_seconds: float = 120.0, environ: Mapping[str, str] | None = None) -> Corpus | ShardSource | None:
+    """The bytes of one split, or None when the data has no such split.
+
+    A prepared dataset (S3 URL, or a directory with a manifest) has train/val/test shards. Plain
+    text (a file, a directory, or "" for the embedded text) has train and, when `val_fraction` > 0,
+    a held-out val made of its last documents; it has no test split.
+    """
     if not is_prepared_dataset(path):
-        return load_corpus(path)
+        if split == "test":
+            return None
+        train, val = holdout_split(load_corpus(path), val_fraction)
+        return train if split == "train" else val
     store = open_store(path, environ=environ, retry=RetryPolicy(max_seconds=retry_seconds))
-    return ShardSource(store, read_manifest(store), split, workers=workers)
+    manifest = read_manifest(store)
+    if not manifest.split(split):
+        return None
+    return ShardSource(store, manifest, split, workers=workers)

@@ -25,7 +25,9 @@ from . import __version__
 from . import checkpoint as ckpt
 from .checkpoint import Checkpointer, should_save
 from .config import ConfigError, TrainConfig, config_to_dict
+from .corpus import CorpusError
 from .distributed import DistContext
+from .evaluate import Evaluator, should_evaluate
 from .hardware import model_flops_utilization, peak_flops
 from .metrics import NullMetrics, TrainerMetrics
 from .model import MLSTM
@@ -95,9 +97,24 @@ def build_ddp(model: MLSTM, config: TrainConfig, ctx: DistContext) -> Distribute
 
 def build_streams(config: TrainConfig, ctx: DistContext) -> RowStreams:
     d = config.data
-    source = open_source(d.path, "train", workers=d.fetch_workers, retry_seconds=config.retry_seconds)
+    source = open_source(d.path, "train", val_fraction=d.val_fraction, workers=d.fetch_workers,
+                         retry_seconds=config.retry_seconds)
+    if source is None:
+        raise CorpusError(f"dataset {d.path} has no train shards; prepare it with at least one train shard")
     return RowStreams(source, global_rows=d.batch_size * ctx.world_size, seq_len=d.seq_len,
                       rank=ctx.rank, world_size=ctx.world_size, prefetch_steps=d.prefetch_steps)
+
+
+def build_evaluator(config: TrainConfig, ctx: DistContext) -> Evaluator | None:
+    """Validation on the held-out split, or None when evaluation is off or the data has no val split."""
+    d = config.data
+    if config.eval.every == 0:
+        return None
+    source = open_source(d.path, "val", val_fraction=d.val_fraction, workers=d.fetch_workers,
+                         retry_seconds=config.retry_seconds)
+    if source is None:
+        return None
+    return Evaluator(source, rows=config.eval.rows, seq_len=d.seq_len, ctx=ctx, max_steps=config.eval.max_steps)
 
 
 def build_metrics(config: TrainConfig, ctx: DistContext) -> TrainerMetrics | NullMetrics:
@@ -140,6 +157,7 @@ class Trainer:
         self.global_batch = config.data.batch_size * ctx.world_size
         self.schedule = build_schedule(config.optim, self.global_batch)
         self.streams = build_streams(config, ctx)
+        self.evaluator = build_evaluator(config, ctx)
         self.checkpointer = Checkpointer(
             config.checkpoint.dir, keep=config.checkpoint.keep,
             store=open_store(config.checkpoint.dir, retry=RetryPolicy(max_seconds=config.retry_seconds)),
@@ -163,6 +181,8 @@ class Trainer:
                 self.resume(display)
                 while self.state.step < self.config.optim.steps and not self.stop_requested():
                     stats = self.train_step()
+                    if self._evaluation_due():
+                        stats.val_bpc = self.evaluate(display)
                     self.report(stats, display)
                     if should_save(self.state.step, self.config.checkpoint.every):
                         self.save(display)
@@ -222,11 +242,24 @@ class Trainer:
             progress=self.state.step / self.config.optim.steps, eta_seconds=steps_left * self._step_ema,
         )
 
+    def _evaluation_due(self) -> bool:
+        step = self.state.step
+        return self.evaluator is not None and (should_evaluate(step, self.config.eval.every) or step == self.config.optim.steps)
+
+    def evaluate(self, display: ProgressDisplay) -> float:
+        """Validation bits per character (collective under DDP: every rank evaluates its rows)."""
+        assert self.evaluator is not None
+        result = self.evaluator.run(self.model, self.precision)
+        display.log(f"step {self.state.step}: validation {result.bpc:.3f} bits/char over {result.chars:,} characters")
+        return result.bpc
+
     def report(self, stats: StepStats, display: ProgressDisplay) -> None:
         rank_tokens = self.config.data.batch_size * self.config.data.seq_len
         # MFU per device: ranks step in lockstep, so each does 1/world_size of the job's tokens/s.
         mfu = model_flops_utilization(self.model.flops_per_token(), stats.tokens_per_s / self.ctx.world_size, self.peak_flops)
         self.metrics.record_step(stats, rank_tokens=rank_tokens, mfu=mfu)
+        if stats.val_bpc is not None:
+            self.metrics.record_validation(stats.val_bpc)
         self.log.write(stats.log_record())
         if stats.step % self.config.metrics.log_every == 0 or stats.step == self.config.optim.steps:
             display.update(stats)
