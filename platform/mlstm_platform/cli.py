@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import dashboard_cmd, data_cmd, k8s_cmd, train_cmd, transfer_cmd
+from . import dashboard_cmd, data_cmd, k8s_cmd, plan_cmd, train_cmd, transfer_cmd
 
 app = typer.Typer(
     name="mlstm",
@@ -18,6 +18,7 @@ k8s_cmd.register(app)
 dashboard_cmd.register(app)
 data_cmd.register(app)
 transfer_cmd.register(app)
+plan_cmd.register(app)
 
 
 def main() -> None:

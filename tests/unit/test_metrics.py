@@ -33,7 +33,7 @@ ISSUE_SAMPLES = (
 def stats(step: int = 1, *, loss: float = 2.0, skipped: int = 0, **overrides: float) -> StepStats:
     values = dict(
         step=step, loss=loss, lr=1e-3, tokens=step * 512, tokens_per_s=1000.0, loss_scale=65536.0, grad_norm=0.5,
-        skipped=skipped, epoch=1, step_seconds=0.2, data_wait_seconds=0.01, progress=0.25, eta_seconds=60.0,
+        skipped=skipped, epoch=1, world_size=2, step_seconds=0.2, data_wait_seconds=0.01, progress=0.25, eta_seconds=60.0,
     )
     values.update(overrides)
     return StepStats(**values)

@@ -34,6 +34,8 @@ class StepStats:
     skipped: int
     """Overflowed (skipped) steps so far."""
     epoch: int
+    world_size: int
+    """Processes (GPUs) training together; tokens_per_s / world_size is the per-GPU rate."""
     step_seconds: float
     data_wait_seconds: float
     progress: float

@@ -237,7 +237,7 @@ class Trainer:
         return StepStats(
             step=self.state.step, loss=loss, lr=lr, tokens=self.state.tokens_seen,
             tokens_per_s=self.global_batch * self.config.data.seq_len / self._step_ema,
-            loss_scale=self.precision.loss_scale, grad_norm=grad_norm, skipped=self.state.skipped, epoch=epoch,
+            loss_scale=self.precision.loss_scale, grad_norm=grad_norm, skipped=self.state.skipped, epoch=epoch, world_size=self.ctx.world_size,
             step_seconds=seconds, data_wait_seconds=data_wait,
             progress=self.state.step / self.config.optim.steps, eta_seconds=steps_left * self._step_ema,
         )
