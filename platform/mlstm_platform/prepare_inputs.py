@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from mlstm_trainer.corpus import DOC_SEPARATOR
+from mlstm_trainer.corpus import DOC_SEPARATOR, document_files
 
 JSON_SUFFIXES = (".json", ".jsonl")
 GZIP_SUFFIX = ".gz"
@@ -86,7 +86,7 @@ def find_inputs(paths: Sequence[Path]) -> list[InputFile]:
     files: list[InputFile] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(_files_under(path))
+            found = sorted(document_files(path))
             if not found:
                 raise PrepareError(f"input directory {path} holds no (non-hidden) files")
             files += (InputFile.from_path(p) for p in found)
@@ -95,16 +95,6 @@ def find_inputs(paths: Sequence[Path]) -> list[InputFile]:
         else:
             raise PrepareError(f"input {path} does not exist (or is not a regular file)")
     return files
-
-
-def _files_under(root: Path) -> Iterator[Path]:
-    # followlinks=False: a symlinked directory cannot loop or pull in files outside the input.
-    for directory, subdirs, names in os.walk(root, followlinks=False):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        for name in names:
-            candidate = Path(directory, name)
-            if not name.startswith(".") and candidate.is_file():
-                yield candidate
 
 
 def read_documents(source: InputFile, text_field: str, advance: Callable[[int], None]) -> Iterator[Document]:

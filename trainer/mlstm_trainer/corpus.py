@@ -129,7 +129,7 @@ def load_corpus(path: str) -> Corpus:
             f"corpus path {path!r} does not exist; pass an existing file or directory, or '' for the embedded corpus"
         )
     if root.is_dir():
-        files = sorted(_document_files(root))
+        files = sorted(document_files(root))
         if not files:
             raise CorpusError(f"corpus directory {path!r} has no non-hidden files; add text files to it")
     else:
@@ -137,7 +137,7 @@ def load_corpus(path: str) -> Corpus:
     return corpus_from_bytes(_read_documents(files), path)
 
 
-def _document_files(root: Path) -> Iterator[Path]:
+def document_files(root: Path) -> Iterator[Path]:
     """Regular files under ``root``, skipping hidden files and directories (e.g. ``.git``)."""
     # os.walk with followlinks=False: a symlinked directory cannot loop or escape the corpus.
     for directory, subdirs, names in os.walk(root, followlinks=False):
