@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
