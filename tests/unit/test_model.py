@@ -1,4 +1,4 @@
-"""MLSTM and its hand-written recurrence against a plain per-step autograd reference (CPU, tiny sizes)."""
+"""MLSTM and its hand-written recurrence against a plain per-step autograd reference (CPU, small sizes)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from mlstm_trainer.model import MLSTM, WeightNormLinearWeight
 from mlstm_trainer import recurrence
+from mlstm_trainer.model import MLSTM, WeightNormLinearWeight
 from mlstm_trainer.recurrence import mlstm_recurrence
 
 B, T, E, H, V = 3, 7, 5, 6, 11
@@ -106,6 +106,21 @@ def test_matches_per_step_reference(with_state: bool, with_reset: bool) -> None:
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=f"gradient of {name}")
+
+
+def test_fewer_tokens_than_vocab_matches_reference() -> None:
+    """Batches smaller than the vocabulary embed tokens directly instead of projecting the table."""
+    model = _model()
+    tokens = torch.tensor([[3, 1, 4, 1, 5]])
+    assert tokens.numel() < V
+    results = []
+    for forward in (model.forward, lambda t: reference_forward(model, t, None, None)):
+        model.zero_grad()
+        logits, (h, c) = forward(tokens)
+        (logits.sum() + h.sum() + c.sum()).backward()
+        results.append((logits.detach(), model.embed.weight.grad.clone(), model.w_x.v.grad.clone()))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)
 
 
 def test_reset_at_first_step_ignores_initial_state() -> None:

@@ -96,9 +96,10 @@ class _RecurrentMatmul:
 
     On CPU in float32 the weight is reordered once per loop into oneDNN's blocked layout, as
     ``torch.nn.LSTM``'s oneDNN kernel does: a plain ``torch.mm`` re-packs the whole weight on every call,
-    and with only B (e.g. 32) rows that made each step about 20-25% slower (B=32, H=1024, one core).
-    Elsewhere (CUDA, other dtypes, CPU builds without oneDNN, very short sequences where packing would
-    not pay off) it is a plain matmul.
+    and with only B rows that made each matmul about 15-30% slower (B=32, H=1024, one core).
+    Elsewhere (CUDA, other dtypes, CPU builds without oneDNN, small weights or short loops where packing
+    does not pay off) it is a plain matmul.  The two oneDNN ops are torch internals (the ones Inductor's
+    CPU backend uses), hence the ``hasattr`` guard in ``_use_onednn``.
     """
 
     def __init__(self, weight: Tensor, batch: int, steps: int) -> None:
@@ -130,6 +131,8 @@ def _use_onednn(weight: Tensor, steps: int) -> bool:
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
