@@ -19,8 +19,10 @@ demo: $(STAMP)
 		--metrics-port 9400 --sample-chars 400
 
 # Installs what the integration tests need (Prometheus), then runs the whole suite.
+# One BLAS/OpenMP thread per process: tests run trainers, torchrun ranks and servers side by side on
+# a 2-core machine, where spinning OpenMP threads of competing processes slow everything down.
 test: $(STAMP) test-deps
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 test-deps:
 	@bash tests/install_test_deps.sh

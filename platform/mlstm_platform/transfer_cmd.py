@@ -53,7 +53,7 @@ def _print_report(report) -> None:
     rows = [
         ("accuracy (all units)", f"{probe.test_accuracy:.2%}"),
         ("accuracy (top unit)", f"{probe.top_unit_accuracy:.2%}"),
-        ("top unit", f"{probe.top_unit} (weight {probe.top_unit_weight:+.3g})"),
+        ("top unit", f"{probe.top_unit} (weight {probe.top_unit_weight:+.3f} on the standardised unit)"),
         ("C chosen", f"{probe.c:g} (validation accuracy {probe.val_accuracy:.2%})"),
         ("non-zero weights", f"{probe.nonzero_weights} of {report.hidden_size}"),
         ("texts", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"),

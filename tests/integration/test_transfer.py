@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mlstm_platform.cli import app
@@ -16,12 +17,22 @@ GOOD = ["a great film", "wonderful and warm", "great fun", "loved it, great"]
 BAD = ["a dull mess", "awful", "boring and dull", "hated it, awful"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A 32-unit model after two steps: untrained, but a real checkpoint the command must load."""
     folder = tmp_path_factory.mktemp("transfer-ckpt")
     args = ["--hidden-size", "32", "--embed-dim", "8", "--batch-size", "4", "--seq-len", "16", "--steps", "2",
-            "--checkpoint-dir", str(folder), "--metrics-port", "0", "--device", "cpu"]
+            "--checkpoint-dir", str(folder), "--metrics-port", "0", "--device", "cpu",
+            "--eval-every", "0"]  # no validation pass: only the checkpoint is needed
     assert trainer_main(args) == 0
     return folder
 

@@ -27,6 +27,15 @@ from mlstm_trainer.model import MLSTM
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path

@@ -34,7 +34,7 @@ class ModelConfig:
     """Size of the input/output alphabet; 256 for raw bytes."""
     embed_dim: int = 64
     """Width of the byte embedding fed to the mLSTM."""
-    hidden_size: int = 512
+    hidden_size: int = 256
     """mLSTM units (the paper uses 4096; the embedded default is laptop-sized)."""
 
     def __post_init__(self) -> None:
@@ -74,13 +74,13 @@ class OptimConfig:
 
     steps: int = 600
     """Optimizer steps to run in total (a resumed run continues up to this number)."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Base learning rate for a global batch of 128 sequences, before scaling."""
-    lr_scaling: str = "sqrt"
+    lr_scaling: str = "none"
     """How the base LR grows with the global batch: none, linear or sqrt (of global_batch / 128)."""
     lr_cap: float = 3e-3
     """Upper bound on the scaled learning rate (large batches diverge above it)."""
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     """Linear warm-up from 0 to the peak LR over this many steps."""
     decay_steps: int = 0
     """Linear decay to zero over this many steps after warm-up; 0 decays over the rest of the run."""
