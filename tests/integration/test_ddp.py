@@ -56,3 +56,16 @@ def test_sigkill_both_ranks_and_resume_from_s3_reproduces_the_losses(tmp_path, t
     assert sorted(got) == list(range(1, 81))
     for step, record in expected.items():
         assert got[step]["loss"] == pytest.approx(record["loss"], rel=1e-6, abs=0), f"step {step} differs after resume"
+
+
+def test_resuming_on_another_world_size_rederives_rows_and_says_so(tmp_path, trainer_env):
+    first = run(tiny_args(tmp_path / "c", "--steps", "4", "--batch-size", "8", "--eval-every", "0"), trainer_env)
+    assert first.returncode == 0, first.stderr
+    log = tmp_path / "log.jsonl"
+    second = run(tiny_args(tmp_path / "c", "--steps", "6", "--batch-size", "4", "--eval-every", "0",
+                           "--log-jsonl", str(log)), trainer_env, nproc=2)
+    assert second.returncode == 0, second.stderr
+    assert "world size changed from 1 to 2 since the checkpoint: rows re-derived, hidden states reset" in second.stderr
+    assert sorted(read_log(log)) == [5, 6]
+    assert load_checkpoint(tmp_path / "c")["trainer"]["step"] == 6
+    assert len(load_checkpoint(tmp_path / "c")["data"]) == 2  # one cursor per rank now
