@@ -33,3 +33,14 @@ def trainer_env() -> dict[str, str]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the math."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,13 +17,8 @@ GOOD = ["a great film", "wonderful and warm", "great fun", "loved it, great"]
 BAD = ["a dull mess", "awful", "boring and dull", "hated it, awful"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
