@@ -116,3 +116,16 @@ def test_s3_server_lost_mid_run_fails_clearly_and_keeps_latest(tmp_path, trainer
         assert max(read_log(log)) > int(latest.split("-")[1])  # it trained past the last good checkpoint
     finally:
         second.stop()
+
+
+def test_prepare_train_and_resume_against_a_real_minio(tmp_path, real_s3_env, trainer_env):
+    """Opt-in (MLSTM_TEST_S3_ENDPOINT): the same path as above against a real MinIO/S3 server."""
+    env = {k: v for k, v in real_s3_env.items() if k != "bucket"}
+    url = f"s3://{real_s3_env['bucket']}/pydoc"
+    prepare(write_corpus(tmp_path / "text", documents=20), url, env)
+    run_url = f"s3://{real_s3_env['bucket']}/run"
+    first = run(tiny_args(run_url, "--data", url, "--steps", "3", "--eval-every", "0"), trainer_env | env)
+    assert first.returncode == 0, first.stderr
+    again = run(tiny_args(run_url, "--data", url, "--steps", "5", "--eval-every", "0"), trainer_env | env)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {run_url}/step-00000003 at step 3" in again.stderr
