@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,6 @@ def trainer_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLSTM_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-@pytest.fixture
-def python() -> str:
-    return sys.executable
 
 
 @pytest.fixture(scope="module")

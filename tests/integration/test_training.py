@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from mlstm_trainer.__main__ import main as trainer_main
 from tests.conftest import tiny_args
-
-
-def read_log(path: Path) -> dict[int, dict]:
-    """step -> record; a resumed run re-logs steps after its checkpoint, the last record wins."""
-    records = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
+from tests.integration.torchrun import read_log, run, start, wait_for_step
 
 
 def mean_loss(log: dict[int, dict], last: int) -> float:
@@ -69,37 +57,21 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
     assert log[2]["loss_scale"] == log[1]["loss_scale"] / 2 or log[2]["skipped"] == 1
 
 
-def run_trainer(python: str, env: dict, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([python, "-m", "mlstm_trainer", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(log_path: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log_path.exists() and any(json.loads(l)["step"] >= step for l in log_path.read_text().splitlines() if l):
-            return
-        assert proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.05)
-    raise AssertionError(f"trainer did not reach step {step}")
-
-
-def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path, python, trainer_env):
+def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path, trainer_env):
     steps = ["--steps", "40", "--checkpoint-every", "10"]
     straight = tmp_path / "straight.jsonl"
-    done = subprocess.run([python, "-m", "mlstm_trainer", *tiny_args(tmp_path / "a", *steps, "--log-jsonl", str(straight))],
-                          env=trainer_env, capture_output=True, text=True)
+    done = run(tiny_args(tmp_path / "a", *steps, "--log-jsonl", str(straight)), trainer_env)
     assert done.returncode == 0, done.stderr
 
     resumed = tmp_path / "resumed.jsonl"
     args = tiny_args(tmp_path / "b", *steps, "--log-jsonl", str(resumed))
-    proc = run_trainer(python, trainer_env, args)
-    wait_for_step(resumed, 15, proc)
+    proc = start(args, trainer_env)
+    wait_for_step(resumed, 15, proc, timeout=60)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(read_log(resumed))
     assert killed_at < 40, "the run finished before it could be killed"
-    restarted = subprocess.run([python, "-m", "mlstm_trainer", *args], env=trainer_env, capture_output=True, text=True)
+    restarted = run(args, trainer_env)
     assert restarted.returncode == 0, restarted.stderr
     assert "resumed from" in restarted.stderr + restarted.stdout
 
@@ -110,11 +82,11 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path, pytho
         assert got[step]["lr"] == expected[step]["lr"]
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, python, trainer_env):
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, trainer_env):
     log_path = tmp_path / "log.jsonl"
-    proc = run_trainer(python, trainer_env, tiny_args(tmp_path / "c", "--steps", "100000", "--checkpoint-every", "0",
-                                                      "--log-jsonl", str(log_path)))
-    wait_for_step(log_path, 3, proc)
+    proc = start(tiny_args(tmp_path / "c", "--steps", "100000", "--checkpoint-every", "0", "--log-jsonl", str(log_path)),
+                 trainer_env)
+    wait_for_step(log_path, 3, proc, timeout=60)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr

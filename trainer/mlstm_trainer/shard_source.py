@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,8 +38,6 @@ class ShardSource:
         self.name = f"{store.url()} ({split})"
         self.chunk_bytes = chunk_bytes
         self.offsets = np.cumsum([0, *(s.bytes for s in self.shards)]).astype(np.int64)
-        self.wait_seconds = 0.0
-        """Time `window` spent blocked on fetches (the trainer reports it as data wait)."""
         self._resident: dict[int, Future[np.ndarray]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-fetch")
@@ -70,11 +67,9 @@ class ShardSource:
     def window(self, starts: np.ndarray, length: int) -> np.ndarray:
         """uint8 [B, length] of bytes, blocking on whichever shards are still in flight."""
         needed = sorted(self.shards_for(starts, length))
-        began = time.perf_counter()
         with self._lock:
             futures = {index: self._submit(index) for index in needed}
         arrays = {index: future.result() for index, future in futures.items()}  # re-raises fetch errors
-        self.wait_seconds += time.perf_counter() - began
         out = np.empty((len(starts), length), dtype=np.uint8)
         for row, start in enumerate(starts.tolist()):
             self._copy(arrays, int(start), out[row])
