@@ -103,7 +103,9 @@ def test_s3_server_lost_mid_run_fails_clearly_and_keeps_latest(tmp_path, trainer
     assert proc.returncode == 1
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, stderr  # one line, no traceback
-    assert "failed after retrying for 2s" in errors[0] and "/run/step-" in errors[0]
+    # Which write meets the dead server is a race: the state object, the `latest` pointer or the
+    # pruning listing. Each is retried and reported the same way, naming the run's objects.
+    assert "failed after retrying for 2s" in errors[0] and f"s3://{bucket}/run" in errors[0]
 
     second = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     second.start()
