@@ -16,6 +16,7 @@ Targets from the performance issue: ours >= 1.6x per-step and >= 0.7x nn.LSTM.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlstm_trainer.cell import CELL_ENV, native_available
+from mlstm_trainer.hostmem import keep_freed_host_memory
 from mlstm_trainer.model import MLSTM
 
 VOCAB = 256
@@ -127,7 +130,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H")
     parser.add_argument("--batch", type=int, default=32, help="batch size B")
     parser.add_argument("--seq", type=int, default=64, help="sequence length T")
-    parser.add_argument("--iters", type=int, default=7, help="timed training steps per model")
+    parser.add_argument("--iters", type=int, default=10, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per model")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
     return parser.parse_args()
@@ -138,6 +141,8 @@ def main() -> int:
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # Process-wide, so every model gets the same allocator; the trainer sets it the same way.
+    tuned = keep_freed_host_memory()
     builders: dict[str, Callable[[int], nn.Module]] = {
         "ours": OursLogits,
         "per-step": PerStepMLSTM,
@@ -145,6 +150,9 @@ def main() -> int:
     }
     print(f"torch {torch.__version__}, num_threads={torch.get_num_threads()}, hidden={args.hidden}, "
           f"batch={args.batch}, seq={args.seq}, iters={args.iters}, warmup={args.warmup}")
+    cell = os.environ.get(CELL_ENV, "auto")
+    print(f"mlstm cell: {cell} (native C kernels built: {native_available()}); "
+          f"host allocator keeps freed memory: {tuned}")
     steps = {}
     for name, build in builders.items():
         torch.manual_seed(0)

@@ -9,6 +9,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .corpus import CorpusError
 from .distributed import init_distributed, shutdown_distributed
+from .hostmem import keep_freed_host_memory
 from .metrics import MetricsPortError
 from .options import load_config
 from .sampling import sample_text
@@ -24,6 +25,7 @@ RUNTIME_ERRORS = (StorageError,)
 def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
+        keep_freed_host_memory()  # before the model and the first step allocate (hostmem.py says why)
         ctx = init_distributed(config.device, config.dist_timeout_seconds)
         try:
             trainer = Trainer(config, ctx)

@@ -9,8 +9,9 @@ Per step, with ``xm_t = W_mx x_t`` and ``xg_t = W_x x_t + b`` precomputed for th
 
 Why a hand-written Function rather than plain autograd: autograd would record ~15 nodes per step and
 compute the weight gradients as T small matmuls.  Here the loops (forward and backward) only do the two
-recurrent matmuls and pointwise work into preallocated buffers, and the weight gradients are two big
-matmuls over all ``B*T`` rows at the end, the way cuDNN does its LSTMs.
+recurrent matmuls and hand the pointwise work in between to a fused cell (:mod:`mlstm_trainer.cell`)
+that writes into preallocated buffers, and the weight gradients are two big matmuls over all ``B*T``
+rows at the end, the way cuDNN does its LSTMs.
 
 Layout: buffers copy the memory layout of ``xm``/``xg`` (``empty_like``).  The model passes time-major
 ``[T, B, ...]`` memory viewed as ``[B, T, ...]``, so each step's ``[B, ...]`` slice is one contiguous
@@ -24,10 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-# Fused pointwise derivatives written into an ``out=`` buffer: grad * s * (1 - s) and grad * (1 - t^2)
-# in one pass each, instead of the three or four temporaries the spelled-out formulas need.
-_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
-_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+from mlstm_trainer.cell import select_cell
+
 # When packing a weight for oneDNN pays off (measured on one core at B=32): the reorder costs about as
 # much as a few steps' matmuls, so short loops (e.g. sampling token by token) skip it; and oneDNN's fixed
 # per-call cost outweighs its faster kernel for small weights (below about 4H x H with H = 360).
@@ -62,7 +61,18 @@ def mlstm_recurrence(
         tensor, and gradients arriving through both are summed.
     """
     _check_inputs(xm, xg, w_mh, w_h, h0, c0, keep)
+    xm, xg = _unit_feature_stride(xm), _unit_feature_stride(xg)
+    keep = None if keep is None else keep.contiguous()
     return _MLSTMRecurrence.apply(xm, xg, w_mh, w_h, h0, c0, keep)
+
+
+def _unit_feature_stride(x: Tensor) -> Tensor:
+    """``x`` itself when its last dim is dense, else a contiguous copy.
+
+    The cells read each step's ``[B, F]`` slice as rows of ``F`` adjacent values (the native cell's C
+    code relies on it); any batch and time strides are fine, so the model's time-major views pass as is.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def _check_inputs(
@@ -177,7 +187,7 @@ def _forward_loop(
     xm: Tensor, xg: Tensor, w_mh: Tensor, w_h: Tensor, h0: Tensor, c0: Tensor, keep: Tensor | None
 ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
     """Step through time; returns (saved buffers for backward, hs, h_last, c_last)."""
-    batch, steps, hidden = xm.shape
+    batch, steps, _ = xm.shape
     gates = torch.empty_like(xg)  # activated i, f, o, u
     mh = torch.empty_like(xm)  # h_{t-1} @ w_mh.T, needed for d xm
     m = torch.empty_like(xm)  # m_t, the input of the big dW_h matmul
@@ -185,7 +195,8 @@ def _forward_loop(
     tanh_c = torch.empty_like(xm)  # tanh(c_t), needed for d o and d c
     hs = torch.empty_like(xm)
     c_last = torch.empty_like(c0)
-    h_prev_buf = torch.empty_like(h0) if keep is not None else None
+    h_reset = torch.empty_like(h0) if keep is not None else None
+    cell = select_cell(xm.device, xm.dtype)
     mh_matmul = _RecurrentMatmul(w_mh, batch, steps)  # x @ w_mh.T
     z_matmul = _RecurrentMatmul(w_h, batch, steps)  # x @ w_h.T
     h_prev = h0 if keep is None else h0 * keep[:, :1]
@@ -195,23 +206,13 @@ def _forward_loop(
         torch.mul(c0, keep[:, :1], out=c_prev[:, 0])
     for t in range(steps):
         mh_matmul(h_prev, out=mh[:, t])
-        torch.mul(xm[:, t], mh[:, t], out=m[:, t])
+        cell.mul(m[:, t], xm[:, t], mh[:, t])
         z = z_matmul.plus(m[:, t], xg[:, t])
-        g = gates[:, t]
-        torch.sigmoid(z[:, : 3 * hidden], out=g[:, : 3 * hidden])
-        torch.tanh(z[:, 3 * hidden :], out=g[:, 3 * hidden :])
-        i, f, o, u = g.chunk(4, dim=1)
         c_next = c_prev[:, t + 1] if t + 1 < steps else c_last
-        torch.mul(f, c_prev[:, t], out=c_next)
-        c_next.addcmul_(i, u)
-        torch.tanh(c_next, out=tanh_c[:, t])
-        torch.mul(o, tanh_c[:, t], out=hs[:, t])
-        h_prev = hs[:, t]
-        if keep is not None and t + 1 < steps:
-            # Zero the state of rows that start a new document at t+1; hs keeps the un-reset value.
-            keep_next = keep[:, t + 1 : t + 2]
-            c_next.mul_(keep_next)
-            h_prev = torch.mul(h_prev, keep_next, out=h_prev_buf)
+        # Rows that start a new document at t+1 get a zeroed state there; hs keeps the un-reset value.
+        keep_next = keep[:, t + 1 : t + 2] if keep is not None and t + 1 < steps else None
+        cell.forward(z, c_prev[:, t], gates[:, t], c_next, tanh_c[:, t], hs[:, t], keep_next, h_reset)
+        h_prev = hs[:, t] if keep_next is None else h_reset
     h_last = hs[:, -1].clone()  # its own storage: Function outputs must not alias each other
     return (gates, mh, m, c_prev, tanh_c), hs, h_last, c_last
 
@@ -229,39 +230,29 @@ def _backward_loop(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Walk time in reverse; returns (dxm, dxg, d_mh, dh0, dc0). Only recurrent matmuls run per step."""
     grad_hs, grad_h_last, grad_c_last = grads
-    batch, steps, hidden = xm.shape
+    if grad_hs is not None:
+        grad_hs = _unit_feature_stride(grad_hs)  # e.g. an expanded gradient of hs.sum()
+    batch, steps, _ = xm.shape
     dxg = torch.empty_like(gates)  # doubles as dZ for all steps, which dW_h needs
     dxm = torch.empty_like(xm)
     d_mh = torch.empty_like(xm)  # per-step d(h_{t-1} @ w_mh.T); stored for dW_mh
     dh = _zeros_or_clone(grad_h_last, xm)  # running dL/dh_t
     dc = _zeros_or_clone(grad_c_last, xm)  # running dL/dc_t
-    scratch = torch.empty_like(dh)
+    cell = select_cell(xm.device, xm.dtype)
     # Backward multiplies by the weights untransposed: x @ w == x @ (w.T).T
     dm_matmul = _RecurrentMatmul(w_h.t(), batch, steps)
     dh_matmul = _RecurrentMatmul(w_mh.t(), batch, steps)
     for t in reversed(range(steps)):
-        if grad_hs is not None:
-            dh.add_(grad_hs[:, t])
-        g, dz = gates[:, t], dxg[:, t]
-        i, f, o, u = g.chunk(4, dim=1)
-        dz_i, dz_f, dz_o, dz_u = dz.chunk(4, dim=1)
-        torch.mul(dh, tanh_c[:, t], out=dz_o)
-        torch.mul(dh, o, out=scratch)
-        dc.add_(_tanh_backward(scratch, tanh_c[:, t], grad_input=scratch))
-        torch.mul(dc, u, out=dz_i)
-        torch.mul(dc, c_prev[:, t], out=dz_f)
-        torch.mul(dc, i, out=dz_u)
-        _tanh_backward(dz_u, u, grad_input=dz_u)
-        _sigmoid_backward(dz[:, : 3 * hidden], g[:, : 3 * hidden], grad_input=dz[:, : 3 * hidden])
-        dc.mul_(f)  # now dL/d c_prev (after reset)
-        d_m = dm_matmul(dz)
-        torch.mul(d_m, mh[:, t], out=dxm[:, t])
-        torch.mul(d_m, xm[:, t], out=d_mh[:, t])
-        dh = dh_matmul(d_mh[:, t])  # now dL/d h_prev (after reset)
-        if keep is not None:
-            keep_t = keep[:, t : t + 1]
-            dh.mul_(keep_t)
-            dc.mul_(keep_t)
+        # The gradients arriving from step t+1 belong to its reset state: scale them by its keep.
+        scale = keep[:, t + 1 : t + 2] if keep is not None and t + 1 < steps else None
+        grad_h = grad_hs[:, t] if grad_hs is not None else None
+        cell.backward(dh, grad_h, scale, gates[:, t], tanh_c[:, t], c_prev[:, t], dc, dxg[:, t])
+        d_m = dm_matmul(dxg[:, t])
+        cell.mul2(d_m, mh[:, t], dxm[:, t], xm[:, t], d_mh[:, t])
+        dh = dh_matmul(d_mh[:, t])  # dL/d h_{t-1} as step t used it, before step t's reset
+    if keep is not None:
+        dh.mul_(keep[:, :1])
+        dc.mul_(keep[:, :1])
     return dxm, dxg, d_mh, dh, dc
 
 
