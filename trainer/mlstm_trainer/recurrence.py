@@ -21,10 +21,14 @@ work too, with per-step slices of row stride ``T * width``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from mlstm_trainer import cuda_graphs
 from mlstm_trainer.cell import select_cell
 
 # When packing a weight for oneDNN pays off (measured on one core at B=32): the reorder costs about as
@@ -63,7 +67,8 @@ def mlstm_recurrence(
     _check_inputs(xm, xg, w_mh, w_h, h0, c0, keep)
     xm, xg = _unit_feature_stride(xm), _unit_feature_stride(xg)
     keep = None if keep is None else keep.contiguous()
-    return _MLSTMRecurrence.apply(xm, xg, w_mh, w_h, h0, c0, keep)
+    graph_factory = cuda_graphs.graph_factory_for(xm)
+    return _MLSTMRecurrence.apply(xm, xg, w_mh, w_h, h0, c0, keep, graph_factory)
 
 
 def _unit_feature_stride(x: Tensor) -> Tensor:
@@ -147,7 +152,7 @@ def _use_onednn(weight: Tensor, steps: int) -> bool:
 
 
 class _MLSTMRecurrence(torch.autograd.Function):
-    """Forward and backward loops; see the module docstring."""
+    """Forward and backward loops, run eagerly or replayed as CUDA graphs; see the module docstring."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -159,28 +164,72 @@ class _MLSTMRecurrence(torch.autograd.Function):
         h0: Tensor,
         c0: Tensor,
         keep: Tensor | None,
+        graph_factory: Callable[[Any], cuda_graphs.Replayable] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # Unused outputs get None rather than a materialised zero tensor: skips work in backward.
+        ctx.set_materialize_grads(False)
+        ctx.device_type = xm.device.type
+        args = (xm, xg, w_mh, w_h, h0, c0, keep)
         # Autocast off: the caller already chose the dtype, and autocast would silently re-cast each
         # per-step matmul (and allocate a fresh weight copy every step).
         with torch.autocast(device_type=xg.device.type, enabled=False):
-            saved, hs, h_last, c_last = _forward_loop(xm, xg, w_mh, w_h, h0, c0, keep)
-        ctx.save_for_backward(xm, w_mh, w_h, h0, keep, hs, *saved)
-        # Unused outputs get None rather than a materialised zero tensor: skips work in backward.
-        ctx.set_materialize_grads(False)
-        return hs, h_last, c_last
+            if graph_factory is None:
+                ctx.graphed = None
+                saved, hs, h_last, c_last = _forward_loop(*args)
+                ctx.save_for_backward(xm, w_mh, w_h, h0, keep, hs, *saved)
+                return hs, h_last, c_last
+            ctx.graphed = cuda_graphs.graphed_loops(_forward_loop, _graphed_backward, args, graph_factory)
+            (_, hs, h_last, c_last), ctx.generation = ctx.graphed.forward(args)
+        # Static buffers: hand out a view of hs (valid until the next forward, by which time its
+        # backward has run) and copies of the carried state, which outlives the step.
+        return hs.view_as(hs), h_last.clone(), c_last.clone()
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_hs: Tensor | None, grad_h_last: Tensor | None, grad_c_last: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        xm, w_mh, w_h, h0, keep, hs, gates, mh, m, c_prev, tanh_c = ctx.saved_tensors
-        with torch.autocast(device_type=xm.device.type, enabled=False):
-            dxm, dxg, d_mh, dh0, dc0 = _backward_loop(
-                (grad_hs, grad_h_last, grad_c_last), xm, w_mh, w_h, keep, gates, mh, c_prev, tanh_c
-            )
-            dw_mh, dw_h = _weight_grads(ctx.needs_input_grad, dxg, d_mh, m, h0, hs, keep)
-        return dxm, dxg, dw_mh, dw_h, dh0, dc0, None
+        grads = (grad_hs, grad_h_last, grad_c_last)
+        with torch.autocast(device_type=ctx.device_type, enabled=False):
+            if ctx.graphed is not None:
+                result = ctx.graphed.backward(ctx.generation, ctx.needs_input_grad, grads)
+            else:
+                xm, w_mh, w_h, h0, keep, hs, *saved = ctx.saved_tensors
+                result = _backward_pass(ctx.needs_input_grad, grads, xm, w_mh, w_h, h0, keep, hs, *saved)
+        return (*result, None, None)
+
+
+def _backward_pass(
+    needs_input_grad: tuple[bool, ...],
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    xm: Tensor,
+    w_mh: Tensor,
+    w_h: Tensor,
+    h0: Tensor,
+    keep: Tensor | None,
+    hs: Tensor,
+    gates: Tensor,
+    mh: Tensor,
+    m: Tensor,
+    c_prev: Tensor,
+    tanh_c: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """All input gradients: (dxm, dxg, dw_mh, dw_h, dh0, dc0)."""
+    dxm, dxg, d_mh, dh0, dc0 = _backward_loop(grads, xm, w_mh, w_h, keep, gates, mh, c_prev, tanh_c)
+    dw_mh, dw_h = _weight_grads(needs_input_grad, dxg, d_mh, m, h0, hs, keep)
+    return dxm, dxg, dw_mh, dw_h, dh0, dc0
+
+
+def _graphed_backward(
+    needs_input_grad: tuple[bool, ...],
+    grads: tuple[Tensor | None, ...],
+    static_args: tuple[Tensor | None, ...],
+    forward_outputs: tuple,
+) -> tuple[Tensor | None, ...]:
+    """:func:`_backward_pass` over a captured forward's static inputs and outputs."""
+    xm, _, w_mh, w_h, h0, _, keep = static_args
+    saved, hs, _, _ = forward_outputs
+    return _backward_pass(needs_input_grad, tuple(grads), xm, w_mh, w_h, h0, keep, hs, *saved)
 
 
 def _forward_loop(
