@@ -94,17 +94,16 @@ typedef struct {
  * keep (the next step's per-row keep factor), c_next = c*keep and h_reset = h*keep; else c_next = c. */
 MULTIVERSION
 static void forward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t z, rows_t c_prev, rows_t gates,
-                         rows_t c_next, rows_t tanh_c, rows_t h, const float *keep, Py_ssize_t keep_stride,
-                         rows_t h_reset) {
+                         rows_t c_next, rows_t tanh_c, rows_t h, rows_t keep, rows_t h_reset) {
     for (Py_ssize_t b = 0; b < batch; b++) {
         const float *restrict zr = z.ptr + b * z.stride, *restrict cp = c_prev.ptr + b * c_prev.stride;
         float *restrict g = gates.ptr + b * gates.stride, *restrict cn = c_next.ptr + b * c_next.stride;
         float *restrict tc = tanh_c.ptr + b * tanh_c.stride, *restrict hr = h.ptr + b * h.stride;
         for (Py_ssize_t j = 0; j < 3 * hidden; j++) g[j] = sigmoid_f(zr[j]);
         for (Py_ssize_t j = 3 * hidden; j < 4 * hidden; j++) g[j] = tanh_f(zr[j]);
-        const float k = keep ? keep[b * keep_stride] : 1.0f;
+        const float k = keep.ptr ? keep.ptr[b * keep.stride] : 1.0f;
         cell_state(hidden, k, g, cp, cn, tc, hr);
-        if (keep) {
+        if (keep.ptr) {
             float *restrict hz = h_reset.ptr + b * h_reset.stride;
             for (Py_ssize_t j = 0; j < hidden; j++) hz[j] = hr[j] * k;
         }
@@ -114,11 +113,10 @@ static void forward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t z, rows_t c
 /* dL/dh_t and dL/dc_t arrive scaled by k (the keep factor of step t+1); gh is dL/dh_t from the outputs.
  * Writes dz (4H, the pre-activation gradient) and replaces dc by dL/dc_{t-1}. */
 MULTIVERSION
-static void backward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t dh, rows_t grad_h, const float *scale,
-                          Py_ssize_t scale_stride, rows_t gates, rows_t tanh_c, rows_t c_prev, rows_t dc,
-                          rows_t dz) {
+static void backward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t dh, rows_t grad_h, rows_t scale,
+                          rows_t gates, rows_t tanh_c, rows_t c_prev, rows_t dc, rows_t dz) {
     for (Py_ssize_t b = 0; b < batch; b++) {
-        const float k = scale ? scale[b * scale_stride] : 1.0f;
+        const float k = scale.ptr ? scale.ptr[b * scale.stride] : 1.0f;
         const float *restrict dhr = dh.ptr + b * dh.stride, *restrict gh = grad_h.ptr + b * grad_h.stride;
         const float *restrict g = gates.ptr + b * gates.stride, *restrict tc = tanh_c.ptr + b * tanh_c.stride;
         const float *restrict cp = c_prev.ptr + b * c_prev.stride;
@@ -128,102 +126,73 @@ static void backward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t dh, rows_t
 }
 
 
-static int parse_ptr(PyObject *arg, float **out) {
-    *out = (float *)PyLong_AsVoidPtr(arg);
-    return PyErr_Occurred() ? -1 : 0;
-}
-
-static int parse_rows(PyObject *const *args, rows_t *rows) {
-    if (parse_ptr(args[0], &rows->ptr) < 0) return -1;
-    rows->stride = PyLong_AsSsize_t(args[1]);
-    return PyErr_Occurred() ? -1 : 0;
-}
-
-static int parse_sizes(PyObject *const *args, Py_ssize_t *batch, Py_ssize_t *width) {
+/* Every kernel takes (batch, width) and then n (pointer, row stride) pairs: parses them into rows[].
+ * A pointer of 0 is NULL (an absent keep/scale column, whose stride is then per row, not per element). */
+static int parse_call(PyObject *const *args, Py_ssize_t nargs, const char *name, int n, Py_ssize_t *batch,
+                      Py_ssize_t *width, rows_t *rows) {
+    if (nargs != 2 + 2 * n) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments (%zd given)", name, 2 + 2 * n, nargs);
+        return -1;
+    }
     *batch = PyLong_AsSsize_t(args[0]);
     *width = PyLong_AsSsize_t(args[1]);
+    for (int i = 0; i < n && !PyErr_Occurred(); i++) {
+        rows[i].ptr = (float *)PyLong_AsVoidPtr(args[2 + 2 * i]);
+        rows[i].stride = PyLong_AsSsize_t(args[3 + 2 * i]);
+    }
     return PyErr_Occurred() ? -1 : 0;
 }
 
-static int check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char *name) {
-    if (nargs == expected) return 0;
-    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, expected, nargs);
-    return -1;
-}
-
-/* forward_cell(batch, hidden, z, z_rs, c_prev, cp_rs, gates, g_rs, c_next, cn_rs, tanh_c, tc_rs,
- *              h, h_rs, keep, keep_stride, h_reset, hr_rs): forward_rows; keep == 0 means none. */
+/* forward_cell(batch, hidden, z, c_prev, gates, c_next, tanh_c, h, keep, h_reset), each tensor given as
+ * (pointer, row stride): forward_rows.  keep is the next step's [B, 1] column, pointer 0 for none. */
 static PyObject *forward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, hidden, keep_stride;
-    rows_t z, c_prev, gates, c_next, tanh_c, h, h_reset;
-    float *keep;
-    if (check_nargs(nargs, 18, "forward_cell") < 0 || parse_sizes(args, &batch, &hidden) < 0 ||
-        parse_rows(args + 2, &z) < 0 || parse_rows(args + 4, &c_prev) < 0 ||
-        parse_rows(args + 6, &gates) < 0 || parse_rows(args + 8, &c_next) < 0 ||
-        parse_rows(args + 10, &tanh_c) < 0 || parse_rows(args + 12, &h) < 0 ||
-        parse_ptr(args[14], &keep) < 0 || parse_rows(args + 16, &h_reset) < 0)
-        return NULL;
-    keep_stride = PyLong_AsSsize_t(args[15]);
-    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t batch, hidden;
+    rows_t r[8];
+    if (parse_call(args, nargs, "forward_cell", 8, &batch, &hidden, r) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    forward_rows(batch, hidden, z, c_prev, gates, c_next, tanh_c, h, keep, keep_stride, h_reset);
+    forward_rows(batch, hidden, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* backward_cell(batch, hidden, dh, dh_rs, grad_h, gh_rs, scale, scale_stride, gates, g_rs,
- *               tanh_c, tc_rs, c_prev, cp_rs, dc, dc_rs, dz, dz_rs): backward_rows; scale == 0 means
- *               1, and grad_h must be given (the caller passes zeros when there is none). */
+/* backward_cell(batch, hidden, dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz): backward_rows.
+ * scale pointer 0 means 1; grad_h must be given (the caller passes zeros when there is none). */
 static PyObject *backward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, hidden, scale_stride;
-    rows_t dh, grad_h, gates, tanh_c, c_prev, dc, dz;
-    float *scale;
-    if (check_nargs(nargs, 18, "backward_cell") < 0 || parse_sizes(args, &batch, &hidden) < 0 ||
-        parse_rows(args + 2, &dh) < 0 || parse_rows(args + 4, &grad_h) < 0 ||
-        parse_ptr(args[6], &scale) < 0 || parse_rows(args + 8, &gates) < 0 ||
-        parse_rows(args + 10, &tanh_c) < 0 || parse_rows(args + 12, &c_prev) < 0 ||
-        parse_rows(args + 14, &dc) < 0 || parse_rows(args + 16, &dz) < 0)
-        return NULL;
-    scale_stride = PyLong_AsSsize_t(args[7]);
-    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t batch, hidden;
+    rows_t r[8];
+    if (parse_call(args, nargs, "backward_cell", 8, &batch, &hidden, r) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    backward_rows(batch, hidden, dh, grad_h, scale, scale_stride, gates, tanh_c, c_prev, dc, dz);
+    backward_rows(batch, hidden, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* mul(batch, width, out, out_rs, a, a_rs, b, b_rs): out = a * b, row by row. */
+/* mul(batch, width, out, a, b): out = a * b, row by row. */
 static PyObject *mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t batch, width;
-    rows_t out, a, b;
-    if (check_nargs(nargs, 8, "mul") < 0 || parse_sizes(args, &batch, &width) < 0 ||
-        parse_rows(args + 2, &out) < 0 || parse_rows(args + 4, &a) < 0 || parse_rows(args + 6, &b) < 0)
-        return NULL;
+    rows_t r[3];
+    if (parse_call(args, nargs, "mul", 3, &batch, &width, r) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < batch; r++) {
-        float *o = out.ptr + r * out.stride;
-        const float *x = a.ptr + r * a.stride, *y = b.ptr + r * b.stride;
+    for (Py_ssize_t b = 0; b < batch; b++) {
+        float *o = r[0].ptr + b * r[0].stride;
+        const float *x = r[1].ptr + b * r[1].stride, *y = r[2].ptr + b * r[2].stride;
         for (Py_ssize_t j = 0; j < width; j++) o[j] = x[j] * y[j];
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* mul2(batch, width, grad, g_rs, a, a_rs, out_a, oa_rs, b, b_rs, out_b, ob_rs):
- * out_a = grad * a and out_b = grad * b in one pass over grad (the two halves of d(xm * mh)). */
+/* mul2(batch, width, grad, a, out_a, b, out_b): out_a = grad * a and out_b = grad * b in one pass over
+ * grad (the two halves of d(xm * mh)). */
 static PyObject *mul2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t batch, width;
-    rows_t grad, a, out_a, b, out_b;
-    if (check_nargs(nargs, 12, "mul2") < 0 || parse_sizes(args, &batch, &width) < 0 ||
-        parse_rows(args + 2, &grad) < 0 || parse_rows(args + 4, &a) < 0 ||
-        parse_rows(args + 6, &out_a) < 0 || parse_rows(args + 8, &b) < 0 ||
-        parse_rows(args + 10, &out_b) < 0)
-        return NULL;
+    rows_t r[5];
+    if (parse_call(args, nargs, "mul2", 5, &batch, &width, r) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < batch; r++) {
-        const float *g = grad.ptr + r * grad.stride;
-        const float *x = a.ptr + r * a.stride, *y = b.ptr + r * b.stride;
-        float *ox = out_a.ptr + r * out_a.stride, *oy = out_b.ptr + r * out_b.stride;
+    for (Py_ssize_t b = 0; b < batch; b++) {
+        const float *g = r[0].ptr + b * r[0].stride;
+        const float *x = r[1].ptr + b * r[1].stride, *y = r[3].ptr + b * r[3].stride;
+        float *ox = r[2].ptr + b * r[2].stride, *oy = r[4].ptr + b * r[4].stride;
         for (Py_ssize_t j = 0; j < width; j++) {
             ox[j] = g[j] * x[j];
             oy[j] = g[j] * y[j];
@@ -243,6 +212,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_cellkernels", "Fused float32 CPU kernels for the mLSTM cell.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__cellkernels(void) { return PyModule_Create(&module); }
