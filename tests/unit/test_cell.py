@@ -164,3 +164,41 @@ def test_compiled_cell_compiles_once_for_all_steps(monkeypatch: pytest.MonkeyPat
     graphs = counters["stats"]["unique_graphs"]
     _values_and_grads(_recurrence_case(gen, steps=11, batch=4))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+class _CompileFailed(torch._dynamo.exc.TorchDynamoException):
+    """What Dynamo/Inductor raise when a backend cannot compile (no Triton, no C compiler, ...)."""
+
+
+def _failing_compiled(*args: object) -> None:
+    raise _CompileFailed("no working C compiler found\nlong details")
+
+
+def test_automatic_compiled_cell_falls_back_to_torch_ops_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling fails: the automatic (CUDA) choice warns once and runs the step on TorchCell."""
+    from mlstm_trainer import compiled_cell
+
+    monkeypatch.setattr(compiled_cell, "compile_failure", None)
+    monkeypatch.delenv(cell_module.CELL_ENV, raising=False)
+    cell = select_cell(torch.device("cuda"), torch.float16)  # constructing it touches no GPU
+    assert isinstance(cell, compiled_cell.CompiledCell)
+    cell._forward = cell._backward = cell._mul2 = _failing_compiled
+    bufs = _forward_buffers(torch.Generator().manual_seed(6))
+    with pytest.warns(RuntimeWarning, match=r"fused cell failed \(_CompileFailed: no working C compiler found\)"):
+        ours = _run_forward(cell, bufs, None)
+    ref = _run_forward(TorchCell(), bufs, None)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name])
+    assert isinstance(select_cell(torch.device("cuda"), torch.float16), TorchCell)  # no second attempt
+
+
+def test_explicit_compiled_cell_does_not_hide_a_compile_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlstm_trainer import compiled_cell
+
+    monkeypatch.setattr(compiled_cell, "compile_failure", None)
+    monkeypatch.setenv(cell_module.CELL_ENV, "compiled")
+    cell = select_cell(torch.device("cpu"), torch.float32)
+    cell._forward = _failing_compiled
+    with pytest.raises(_CompileFailed):
+        _run_forward(cell, _forward_buffers(torch.Generator().manual_seed(7)), None)
+    assert compiled_cell.compile_failure is None

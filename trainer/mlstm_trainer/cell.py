@@ -13,7 +13,9 @@ them to a cell object from :func:`select_cell`:
   ``torch.compile`` (Triton on GPUs), so each direction is one kernel launch per step.
 
 ``MLSTM_CELL=torch|native|compiled`` overrides the choice (``auto``, the default, picks per device and
-dtype as above); asking for a kernel that cannot run here is an error, not a silent fallback.
+dtype as above); asking for a kernel that cannot run here is an error, not a silent fallback.  Only
+the automatic choice falls back: when ``torch.compile`` cannot build the CUDA cell (no Triton, no C
+compiler), it warns once and the run continues on :class:`TorchCell`.
 """
 
 from __future__ import annotations
@@ -254,7 +256,8 @@ def select_cell(device: torch.device, dtype: torch.dtype) -> Cell:
     choice = os.environ.get(CELL_ENV, "auto").strip().lower() or "auto"
     if choice not in CELL_CHOICES:
         raise ValueError(f"{CELL_ENV}={choice!r} is not one of {', '.join(CELL_CHOICES)}")
-    if choice == "auto":
+    automatic = choice == "auto"
+    if automatic:
         if device.type == "cpu" and dtype == torch.float32 and native_available():
             choice = "native"
         elif device.type == "cuda":
@@ -266,7 +269,9 @@ def select_cell(device: torch.device, dtype: torch.dtype) -> Cell:
             raise ValueError(f"{CELL_ENV}=native runs float32 on CPU only, not {dtype} on {device}")
         return NativeCell()
     if choice == "compiled":
-        from mlstm_trainer.compiled_cell import CompiledCell
+        from mlstm_trainer import compiled_cell
 
-        return CompiledCell()
+        if automatic and compiled_cell.compile_failure is not None:
+            return TorchCell()  # it failed once already this process (and warned)
+        return compiled_cell.CompiledCell(fallback=automatic)
     return TorchCell()

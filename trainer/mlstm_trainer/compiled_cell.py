@@ -14,10 +14,17 @@ shapes so all steps (and batch sizes) share one compiled kernel instead of recom
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from mlstm_trainer.cell import CELL_ENV, TorchCell
+
+# Set when compiling the cell failed in this process (no Triton, no C compiler, ...): later loops that
+# chose the cell automatically then go straight to plain torch ops.
+compile_failure: str | None = None
 
 
 def _forward_math(
@@ -71,17 +78,43 @@ def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
 class CompiledCell:
     """:class:`~mlstm_trainer.cell.Cell` with Inductor-fused forward and backward steps.
 
+    With ``fallback`` (the automatic choice on CUDA), a failure to *compile* (Dynamo/Inductor errors,
+    e.g. no Triton or no C compiler in the image) warns once and runs the same step with plain torch
+    ops instead of stopping the run; errors while running compiled code still raise.  Compilation
+    happens before any kernel writes, so the fallback starts from untouched buffers.
+
     Missing ``keep_next``/``scale``/``grad_h`` become ones or zeros so every step runs the same
     compiled graph; ``h_reset`` gets a scratch block when the caller has none.  Keep columns are made
     contiguous (B values) so they match those constants' strides: Dynamo specialises strides of 1, and
     a column of a ``[B, T]`` mask has stride T, which would otherwise compile a second graph.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fallback: bool = False) -> None:
         self._forward = _compiled(_forward_math)
         self._backward = _compiled(_backward_math)
         self._mul2 = _compiled(_mul2_math)
         self._constants: dict[tuple, Tensor] = {}
+        self._fallback = TorchCell() if fallback else None
+
+    def _run(self, compiled: Callable[..., None], args: tuple, fallback: Callable[[], None]) -> None:
+        """``compiled(*args)``, or ``fallback()`` once compiling has failed and falling back is allowed."""
+        global compile_failure
+        if self._fallback is not None and compile_failure is not None:
+            fallback()
+            return
+        try:
+            compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if self._fallback is None:
+                raise
+            compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            warnings.warn(
+                f"mlstm: torch.compile of the fused cell failed ({compile_failure}); using plain torch ops, "
+                f"which is slower. Set {CELL_ENV}=torch to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            fallback()
 
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.mul(a, b, out=out)  # already a single kernel
@@ -97,10 +130,12 @@ class CompiledCell:
         keep_next: Tensor | None,
         h_reset: Tensor | None,
     ) -> None:
+        args = (z, c_prev, gates, c_next, tanh_c, h, keep_next, h_reset)
         if keep_next is None:
             keep_next = self._constant(1.0, (c_prev.shape[0], 1), c_prev)
             h_reset = self._constant(0.0, c_prev.shape, c_prev, key="h_reset")
-        self._forward(z, c_prev, keep_next.contiguous(), gates, c_next, tanh_c, h, h_reset)
+        compiled_args = (z, c_prev, keep_next.contiguous(), gates, c_next, tanh_c, h, h_reset)
+        self._run(self._forward, compiled_args, lambda: self._fallback.forward(*args))
 
     def backward(
         self,
@@ -113,14 +148,17 @@ class CompiledCell:
         dc: Tensor,
         dz: Tensor,
     ) -> None:
+        args = (dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz)
         if scale is None:
             scale = self._constant(1.0, (c_prev.shape[0], 1), c_prev)
         if grad_h is None:
             grad_h = self._constant(0.0, c_prev.shape, c_prev)
-        self._backward(dh, grad_h, scale.contiguous(), gates, tanh_c, c_prev, dc, dz)
+        compiled_args = (dh, grad_h, scale.contiguous(), gates, tanh_c, c_prev, dc, dz)
+        self._run(self._backward, compiled_args, lambda: self._fallback.backward(*args))
 
     def mul2(self, grad: Tensor, a: Tensor, out_a: Tensor, b: Tensor, out_b: Tensor) -> None:
-        self._mul2(grad, a, out_a, b, out_b)
+        args = (grad, a, out_a, b, out_b)
+        self._run(self._mul2, args, lambda: self._fallback.mul2(*args))
 
     def _constant(self, value: float, shape: tuple[int, ...] | torch.Size, like: Tensor, key: str = "") -> Tensor:
         """A cached filled block (``key`` separates a scratch output from a read-only constant)."""
