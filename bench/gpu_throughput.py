@@ -47,13 +47,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class OursLogits(nn.Module):
-    """:class:`MLSTM` returning logits only; ``env`` holds its cell and graph settings, which
-    :func:`build_step` applies around the whole step (the backward loop reads them too)."""
+    """:class:`MLSTM` returning logits only; ``env`` holds its cell setting, which :func:`build_step`
+    applies around the whole step (the backward loop reads it too)."""
 
     def __init__(self, hidden: int, cell: str, graphs: bool) -> None:
         super().__init__()
-        self.model = MLSTM(vocab_size=VOCAB, embed_dim=64, hidden_size=hidden)
-        self.env = {CELL_ENV: cell, cuda_graphs.GRAPHS_ENV: "1" if graphs else "0"}
+        self.model = MLSTM(vocab_size=VOCAB, embed_dim=64, hidden_size=hidden, cuda_graphs=graphs)
+        self.env = {CELL_ENV: cell}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)[0]
@@ -61,7 +61,7 @@ class OursLogits(nn.Module):
 
 @contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (the cell and graph switches are read per call)."""
+    """Set environment variables for the duration (the cell switch is read per loop)."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:

@@ -38,9 +38,9 @@ def _case(dtype: torch.dtype, steps: int = T) -> list[torch.Tensor]:
     return [xm, xg, rand(H, H, s=scale), rand(4 * H, H, s=scale), rand(B, H), rand(B, H), keep]
 
 
-def _run(case: list[torch.Tensor]) -> list[torch.Tensor]:
+def _run(case: list[torch.Tensor], graphs: bool = False) -> list[torch.Tensor]:
     inputs = [t.clone().requires_grad_() for t in case[:6]]
-    hs, h_last, c_last = mlstm_recurrence(*inputs, case[6])
+    hs, h_last, c_last = mlstm_recurrence(*inputs, case[6], graphs=graphs)
     weights = torch.linspace(-1, 1, hs.numel(), device="cuda").reshape(hs.shape).to(hs.dtype)
     ((hs * weights).sum() + h_last.float().square().sum() + c_last.float().sum()).backward()
     return [t.detach().float() for t in (hs, h_last, c_last)] + [t.grad.float() for t in inputs]
@@ -64,12 +64,10 @@ def test_graphed_loops_match_eager_loops(dtype: torch.dtype, monkeypatch: pytest
     cases = [_case(dtype) for _ in range(3)]
     for case, shift in zip(cases, (0.0, 0.5, -0.25)):
         case[0].add_(shift)  # different inputs each round: replay must read the new ones
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "0")
     eager = [_run(case) for case in cases]
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
     cuda_graphs.clear_captured()
     try:
-        graphed = [_run(case) for case in cases]
+        graphed = [_run(case, graphs=True) for case in cases]
         assert len(cuda_graphs._CAPTURED) == 1
     finally:
         cuda_graphs.clear_captured()
@@ -81,16 +79,15 @@ def test_graphed_loops_match_eager_loops(dtype: torch.dtype, monkeypatch: pytest
 
 def test_replayed_loops_never_synchronise_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CELL_ENV, "compiled")
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
     cuda_graphs.clear_captured()
     case = _case(torch.float16)
     try:
-        _run(case)  # captures (warm-up may synchronise)
+        _run(case, graphs=True)  # captures (warm-up may synchronise)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             inputs = [t.clone().requires_grad_() for t in case[:6]]
-            hs, h_last, c_last = mlstm_recurrence(*inputs, case[6])
+            hs, h_last, c_last = mlstm_recurrence(*inputs, case[6], graphs=True)
             torch.autograd.backward([hs, h_last, c_last], [torch.ones_like(hs), None, None])
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -99,12 +96,11 @@ def test_replayed_loops_never_synchronise_with_the_host(monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_model_trains_under_autocast_with_graphs(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_trains_under_autocast_with_graphs(precision: str) -> None:
     """A few optimizer steps of the whole model with the CUDA defaults plus graphs: the loss falls."""
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
     cuda_graphs.clear_captured()
     torch.manual_seed(0)
-    model = MLSTM(vocab_size=V, embed_dim=16, hidden_size=H).cuda()
+    model = MLSTM(vocab_size=V, embed_dim=16, hidden_size=H, cuda_graphs=True).cuda()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, V, (B, T + 1), device="cuda")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16

@@ -20,12 +20,15 @@ from mlstm_trainer.model import MLSTM
 B, T, H, V = 3, 6, 8, 13
 
 
+def _stand_in_factory(x: Tensor, requested: bool):
+    """graph_factory_for with EagerReplay in place of CudaGraph and CPU allowed."""
+    return EagerReplay if requested and torch.is_grad_enabled() else None
+
+
 @pytest.fixture
 def eager_replay(monkeypatch: pytest.MonkeyPatch):
     """Route the recurrence through the graph cache on CPU, with EagerReplay as the graph."""
-    monkeypatch.setattr(
-        cuda_graphs, "graph_factory_for", lambda x: EagerReplay if torch.is_grad_enabled() else None
-    )
+    monkeypatch.setattr(cuda_graphs, "graph_factory_for", _stand_in_factory)
     cuda_graphs.clear_captured()
     yield
     cuda_graphs.clear_captured()
@@ -57,18 +60,16 @@ def _batches(with_reset: bool) -> list[tuple[Tensor, Tensor | None]]:
     return batches
 
 
-def _model() -> MLSTM:
+def _model(graphs: bool = True) -> MLSTM:
     torch.manual_seed(0)
-    return MLSTM(vocab_size=V, embed_dim=5, hidden_size=H)
+    return MLSTM(vocab_size=V, embed_dim=5, hidden_size=H, cuda_graphs=graphs)
 
 
 @pytest.mark.parametrize("with_reset", [False, True], ids=["no-reset", "reset"])
 def test_replayed_steps_match_eager_steps(with_reset: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     batches = _batches(with_reset)
-    eager = _train_steps(_model(), batches)
-    monkeypatch.setattr(
-        cuda_graphs, "graph_factory_for", lambda x: EagerReplay if torch.is_grad_enabled() else None
-    )
+    eager = _train_steps(_model(graphs=False), batches)
+    monkeypatch.setattr(cuda_graphs, "graph_factory_for", _stand_in_factory)
     cuda_graphs.clear_captured()
     try:
         replayed = _train_steps(_model(), batches)
@@ -109,9 +110,15 @@ def test_captured_signatures_are_bounded(eager_replay: None) -> None:
     assert len(cuda_graphs._CAPTURED) == cuda_graphs.MAX_CAPTURED
 
 
-def test_graphs_are_off_unless_requested_and_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cuda_graphs.GRAPHS_ENV, raising=False)
-    assert not cuda_graphs.graphs_requested()
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
-    assert cuda_graphs.graphs_requested()
-    assert cuda_graphs.graph_factory_for(torch.zeros(1)) is None  # CPU tensors always run eagerly
+def test_graphs_are_never_captured_on_cpu() -> None:
+    assert cuda_graphs.graph_factory_for(torch.zeros(1), requested=True) is None
+
+
+def test_trainer_setting_reaches_the_model() -> None:
+    """--cuda-graphs (or MLSTM_CUDA_GRAPHS, or cuda_graphs: in the config file) turns it on; off by default."""
+    from mlstm_trainer.options import load_config
+    from mlstm_trainer.trainer import build_model
+
+    assert build_model(load_config([]), torch.device("cpu")).cuda_graphs is False
+    assert build_model(load_config(["--cuda-graphs", "1"]), torch.device("cpu")).cuda_graphs is True
+    assert load_config([], environ={"MLSTM_CUDA_GRAPHS": "true"}).cuda_graphs is True

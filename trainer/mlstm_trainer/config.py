@@ -192,6 +192,8 @@ class TrainConfig:
     """Seed for parameter initialisation and sampling."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    cuda_graphs: bool = False
+    """Replay the mLSTM's forward and backward time loops as CUDA graphs (CUDA only; not yet measured on a GPU)."""
     sample_chars: int = 0
     """Characters to sample from the model at the end of training (0 = none)."""
     retry_seconds: float = 120.0

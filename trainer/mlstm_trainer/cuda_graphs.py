@@ -13,14 +13,14 @@ A captured graph reads and writes fixed ("static") memory, which shapes the rule
 * a backward must belong to the latest forward: every forward bumps a generation counter, and a
   backward for an older generation raises instead of reading overwritten activations.
 
-Opt-in with ``MLSTM_CUDA_GRAPHS=1`` (CUDA only; ignored on CPU).  ``EagerReplay`` stands in for
+Opt-in (the trainer's ``--cuda-graphs``, ``MLSTM(cuda_graphs=True)``, ``mlstm_recurrence(graphs=True)``);
+CUDA only, ignored on CPU.  ``EagerReplay`` stands in for
 ``torch.cuda.CUDAGraph`` in the CPU tests: it re-runs the captured function and copies the results
 into the captured outputs, so the static-buffer rules above are exercised without a GPU.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -28,7 +28,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-GRAPHS_ENV = "MLSTM_CUDA_GRAPHS"
 # Signatures kept captured (e.g. the training batch plus one other); each holds a copy of the
 # activations, so this bounds memory when shapes change.
 MAX_CAPTURED = 2
@@ -88,18 +87,13 @@ class EagerReplay:
         self.replays += 1
 
 
-def graphs_requested() -> bool:
-    """Whether ``MLSTM_CUDA_GRAPHS`` asks for captured loops."""
-    return os.environ.get(GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def graph_factory_for(x: Tensor) -> Callable[[Any], Replayable] | None:
-    """The graph kind to capture loops over ``x`` with, or None to run them eagerly.
+def graph_factory_for(x: Tensor, requested: bool) -> Callable[[Any], Replayable] | None:
+    """The graph kind to capture loops over ``x`` with when ``requested``, or None to run them eagerly.
 
     Only while autograd records (training): evaluation and sampling change shapes often and gain
     little, so they stay eager and do not pin more captured buffers.
     """
-    if x.is_cuda and graphs_requested() and torch.is_grad_enabled():
+    if requested and x.is_cuda and torch.is_grad_enabled():
         return CudaGraph
     return None
 
@@ -142,7 +136,7 @@ class GraphedLoops:
         if generation != self.generation:
             raise RuntimeError(
                 "CUDA-graphed mLSTM: another forward with the same shapes ran before this backward and "
-                f"overwrote its activations; run backward after each forward or set {GRAPHS_ENV}=0"
+                "overwrote its activations; run backward after each forward, or turn CUDA graphs off"
             )
         key = (tuple(g is None for g in grads), tuple(needs_input_grad))
         entry = self._backward.get(key)

@@ -65,8 +65,12 @@ class _WeightNorm(torch.autograd.Function):
 class MLSTM(nn.Module):
     """Embedding + single-layer mLSTM + readout; maps byte tokens to next-byte logits."""
 
-    def __init__(self, vocab_size: int = 256, embed_dim: int = 64, hidden_size: int = 4096) -> None:
+    def __init__(
+        self, vocab_size: int = 256, embed_dim: int = 64, hidden_size: int = 4096, cuda_graphs: bool = False
+    ) -> None:
         super().__init__()
+        # Training forwards on CUDA replay the time loops as CUDA graphs (recurrence.py, cuda_graphs.py).
+        self.cuda_graphs = cuda_graphs
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.hidden_size = hidden_size
@@ -111,7 +115,7 @@ class MLSTM(nn.Module):
         # The casts are recorded by autograd, so fp32 master weights still get fp32 gradients.
         w_mh = self.w_mh().to(dtype)
         w_h = self.w_h().to(dtype)
-        hs, h_last, c_last = mlstm_recurrence(xm.to(dtype), xg, w_mh, w_h, h0, c0, keep)
+        hs, h_last, c_last = mlstm_recurrence(xm.to(dtype), xg, w_mh, w_h, h0, c0, keep, graphs=self.cuda_graphs)
         logits = self.out(hs.transpose(0, 1)).transpose(0, 1).contiguous()
         if torch.is_autocast_enabled(tokens.device.type):
             # Loss in fp32: fp16 log-softmax over 256 classes loses too much precision.

@@ -46,6 +46,7 @@ FLAGS: dict[str, str] = {
     "--job-name": "metrics.job",
     "--seed": "seed",
     "--device": "device",
+    "--cuda-graphs": "cuda_graphs",
     "--sample-chars": "sample_chars",
     "--retry-seconds": "retry_seconds",
 }

@@ -46,6 +46,8 @@ def mlstm_recurrence(
     h0: Tensor,
     c0: Tensor,
     keep: Tensor | None = None,
+    *,
+    graphs: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the mLSTM over a sequence.
 
@@ -57,6 +59,8 @@ def mlstm_recurrence(
         h0, c0: ``[B, H]`` initial state.
         keep: ``[B, T]`` floats, 1.0 keeps the state and 0.0 zeroes it *before* step ``t`` (a document
             boundary), or ``None`` for no resets.
+        graphs: on CUDA, while autograd records, replay the loops as captured CUDA graphs
+            (:mod:`mlstm_trainer.cuda_graphs`); ignored elsewhere.
 
     All tensors must share one dtype and device.
 
@@ -67,7 +71,7 @@ def mlstm_recurrence(
     _check_inputs(xm, xg, w_mh, w_h, h0, c0, keep)
     xm, xg = _unit_feature_stride(xm), _unit_feature_stride(xg)
     keep = None if keep is None else keep.contiguous()
-    graph_factory = cuda_graphs.graph_factory_for(xm)
+    graph_factory = cuda_graphs.graph_factory_for(xm, graphs)
     return _MLSTMRecurrence.apply(xm, xg, w_mh, w_h, h0, c0, keep, graph_factory)
 
 

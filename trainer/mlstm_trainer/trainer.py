@@ -77,7 +77,9 @@ class StopSignal:
 def build_model(config: TrainConfig, device: torch.device) -> MLSTM:
     torch.manual_seed(config.seed)  # same initial weights on every rank and every run
     m = config.model
-    return MLSTM(vocab_size=m.vocab_size, embed_dim=m.embed_dim, hidden_size=m.hidden_size).to(device)
+    model = MLSTM(vocab_size=m.vocab_size, embed_dim=m.embed_dim, hidden_size=m.hidden_size,
+                  cuda_graphs=config.cuda_graphs)
+    return model.to(device)
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Adam:
