@@ -48,6 +48,7 @@ def test_freed_buffers_are_reused_without_page_faults() -> None:
     assert tuned["active"] is True and default["active"] is False
     # glibc's default maps and unmaps blocks over 32 MiB on every step: their pages fault in again.
     assert default["faults"] > 4 * (64 << 20) // 4096
-    # Kept memory: the steady state reuses it, with no new faults and no growth.
+    # Kept memory: the steady state reuses it, with next to no new faults and no growth (the slack is
+    # for the interpreter's own small allocations, not the 104 MiB a step allocates).
     assert tuned["faults"] < PAGES_PER_STEP // 20
-    assert tuned["rss_growth"] == 0
+    assert tuned["rss_growth"] < 1 << 20
