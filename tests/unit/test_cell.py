@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from mlstm_trainer import cell as cell_module
-from mlstm_trainer.cell import NativeCell, TorchCell, native_available, select_cell
+from mlstm_trainer.cell import BackwardStep, ForwardStep, NativeCell, TorchCell, native_available, select_cell
 from mlstm_trainer.recurrence import mlstm_recurrence
 
 needs_native = pytest.mark.skipif(not native_available(), reason="C extension not built (no compiler)")
@@ -29,7 +29,7 @@ def _forward_buffers(gen: torch.Generator, scale: float = 3.0) -> dict[str, Tens
 def _run_forward(cell: object, bufs: dict[str, Tensor], keep: Tensor | None) -> dict[str, Tensor]:
     out = {name: t.clone() for name, t in bufs.items()}
     h_reset = torch.empty(B, H) if keep is not None else None
-    cell.forward(out["z"], out["c_prev"], out["gates"], out["c_next"], out["tanh_c"], out["h"], keep, h_reset)
+    cell.forward(ForwardStep(**out, keep_next=keep, h_reset=h_reset))
     if h_reset is not None:
         out["h_reset"] = h_reset
     return out
@@ -62,7 +62,7 @@ def test_native_backward_matches_torch(with_scale: bool, with_grad_h: bool) -> N
     results = []
     for cell in (NativeCell(), TorchCell()):
         dz, dc_run = torch.empty(B, 4 * H), dc.clone()
-        cell.backward(dh.clone(), grad_h, scale, fwd["gates"], fwd["tanh_c"], fwd["c_prev"], dc_run, dz)
+        cell.backward(BackwardStep(dh.clone(), grad_h, scale, fwd["gates"], fwd["tanh_c"], fwd["c_prev"], dc_run, dz))
         results.append((dz, dc_run))
     for (ours, ref), name in zip(zip(*results), ("dz", "dc")):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
@@ -78,7 +78,7 @@ def test_native_activations_saturate_and_keep_nan() -> None:
     c_prev = torch.zeros(1, 8)
     bufs = {"gates": torch.empty(1, 32), "c_next": torch.empty(1, 8), "tanh_c": torch.empty(1, 8),
             "h": torch.empty(1, 8)}
-    NativeCell().forward(z, c_prev, bufs["gates"], bufs["c_next"], bufs["tanh_c"], bufs["h"], None, None)
+    NativeCell().forward(ForwardStep(z, c_prev, bufs["gates"], bufs["c_next"], bufs["tanh_c"], bufs["h"]))
     sig, tanh = bufs["gates"][0, :8], bufs["gates"][0, 24:]
     assert torch.isnan(sig[0]) and torch.isnan(tanh[0])
     assert sig[[1, 3]].tolist() == [1.0, 1.0] and tanh[1:5].tolist() == [1.0, -1.0, 1.0, -1.0]

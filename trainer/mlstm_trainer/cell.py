@@ -21,6 +21,7 @@ compiler), it warns once and the run continues on :class:`TorchCell`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -38,48 +39,56 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 
 
+@dataclass(slots=True)
+class ForwardStep:
+    """One forward step's ``[B, ...]`` views: the cell activates ``z`` into ``gates`` (i, f, o sigmoid;
+    u tanh) and writes ``c = f * c_prev + i * u``, ``tanh_c = tanh(c)``, ``h = o * tanh_c``.
+
+    With ``keep_next`` (``[B, 1]``, the next step's keep factor) it also writes ``c_next = c * keep_next``
+    and ``h_reset = h * keep_next``; without it ``c_next = c`` and ``h_reset`` is unused.
+    """
+
+    z: Tensor
+    c_prev: Tensor
+    gates: Tensor
+    c_next: Tensor
+    tanh_c: Tensor
+    h: Tensor
+    keep_next: Tensor | None = None
+    h_reset: Tensor | None = None
+
+
+@dataclass(slots=True)
+class BackwardStep:
+    """One backward step's ``[B, ...]`` views.
+
+    ``dh`` (dL/dh_t from step t+1; may be overwritten) and ``dc`` (running dL/dc_t) are first multiplied
+    by ``scale`` (``[B, 1]``, the keep factor of step t+1) when given, and ``grad_h`` (dL/dh_t from the
+    outputs) is added to ``dh``.  The cell writes ``dz`` (``[B, 4H]``, the pre-activation gradient) and
+    replaces ``dc`` by dL/dc_{t-1}.
+    """
+
+    dh: Tensor
+    grad_h: Tensor | None
+    scale: Tensor | None
+    gates: Tensor
+    tanh_c: Tensor
+    c_prev: Tensor
+    dc: Tensor
+    dz: Tensor
+
+
 class Cell(Protocol):
-    """Per-step pointwise work of the forward and backward loops (all arguments are ``[B, ...]``)."""
+    """Per-step pointwise work of the forward and backward loops (all tensors ``[B, ...]``)."""
 
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         """``out = a * b``."""
 
-    def forward(
-        self,
-        z: Tensor,
-        c_prev: Tensor,
-        gates: Tensor,
-        c_next: Tensor,
-        tanh_c: Tensor,
-        h: Tensor,
-        keep_next: Tensor | None,
-        h_reset: Tensor | None,
-    ) -> None:
-        """Activate ``z`` into ``gates`` (i, f, o sigmoid; u tanh) and step the state.
+    def forward(self, step: ForwardStep) -> None:
+        """The forward cell; see :class:`ForwardStep`."""
 
-        Writes ``c = f * c_prev + i * u``, ``tanh_c = tanh(c)``, ``h = o * tanh_c``.  With
-        ``keep_next`` (``[B, 1]``, the next step's keep factor) it writes ``c_next = c * keep_next``
-        and ``h_reset = h * keep_next``; without it ``c_next = c``.
-        """
-
-    def backward(
-        self,
-        dh: Tensor,
-        grad_h: Tensor | None,
-        scale: Tensor | None,
-        gates: Tensor,
-        tanh_c: Tensor,
-        c_prev: Tensor,
-        dc: Tensor,
-        dz: Tensor,
-    ) -> None:
-        """One step of the cell's backward.
-
-        ``dh`` (dL/dh_t from the next step; may be overwritten) and ``dc`` (running dL/dc_t) are first
-        multiplied by ``scale`` (``[B, 1]``, the keep factor of step t+1) when given, and ``grad_h``
-        (dL/dh_t from the outputs) is added to ``dh``.  Writes ``dz`` (``[B, 4H]``, the gradient of
-        the pre-activations) and replaces ``dc`` by dL/dc_{t-1}.
-        """
+    def backward(self, step: BackwardStep) -> None:
+        """The backward cell; see :class:`BackwardStep`."""
 
     def mul2(self, grad: Tensor, a: Tensor, out_a: Tensor, b: Tensor, out_b: Tensor) -> None:
         """``out_a = grad * a`` and ``out_b = grad * b``."""
@@ -91,17 +100,8 @@ class TorchCell:
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.mul(a, b, out=out)
 
-    def forward(
-        self,
-        z: Tensor,
-        c_prev: Tensor,
-        gates: Tensor,
-        c_next: Tensor,
-        tanh_c: Tensor,
-        h: Tensor,
-        keep_next: Tensor | None,
-        h_reset: Tensor | None,
-    ) -> None:
+    def forward(self, step: ForwardStep) -> None:
+        z, c_prev, gates, c_next, tanh_c, h, keep_next, h_reset = _fields(step)
         split = 3 * c_prev.shape[1]
         torch.sigmoid(z[:, :split], out=gates[:, :split])
         torch.tanh(z[:, split:], out=gates[:, split:])
@@ -114,17 +114,8 @@ class TorchCell:
             c_next.mul_(keep_next)
             torch.mul(h, keep_next, out=h_reset)
 
-    def backward(
-        self,
-        dh: Tensor,
-        grad_h: Tensor | None,
-        scale: Tensor | None,
-        gates: Tensor,
-        tanh_c: Tensor,
-        c_prev: Tensor,
-        dc: Tensor,
-        dz: Tensor,
-    ) -> None:
+    def backward(self, step: BackwardStep) -> None:
+        dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz = _fields(step)
         if scale is not None:
             dh.mul_(scale)
             dc.mul_(scale)
@@ -166,46 +157,24 @@ class NativeCell:
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         _cellkernels.mul(*_sizes(out, out.shape[1]), *_rows(out), *_rows(a), *_rows(b))
 
-    def forward(
-        self,
-        z: Tensor,
-        c_prev: Tensor,
-        gates: Tensor,
-        c_next: Tensor,
-        tanh_c: Tensor,
-        h: Tensor,
-        keep_next: Tensor | None,
-        h_reset: Tensor | None,
-    ) -> None:
-        hidden = c_prev.shape[1]
-        _check_width(z, 4 * hidden)
-        _check_width(gates, 4 * hidden)
-        keep_args = (0, 0, 0, 0) if keep_next is None else (*_column(keep_next), *_rows(h_reset))
-        _cellkernels.forward_cell(
-            *_sizes(c_prev, hidden), *_rows(z), *_rows(c_prev), *_rows(gates), *_rows(c_next),
-            *_rows(tanh_c), *_rows(h), *keep_args,
-        )
+    def forward(self, step: ForwardStep) -> None:
+        hidden = step.c_prev.shape[1]
+        _check_width(step.z, 4 * hidden)
+        _check_width(step.gates, 4 * hidden)
+        keep = (0, 0, 0, 0) if step.keep_next is None else (*_column(step.keep_next), *_rows(step.h_reset))
+        rows = (step.z, step.c_prev, step.gates, step.c_next, step.tanh_c, step.h)
+        _cellkernels.forward_cell(*_sizes(step.c_prev, hidden), *(v for x in rows for v in _rows(x)), *keep)
 
-    def backward(
-        self,
-        dh: Tensor,
-        grad_h: Tensor | None,
-        scale: Tensor | None,
-        gates: Tensor,
-        tanh_c: Tensor,
-        c_prev: Tensor,
-        dc: Tensor,
-        dz: Tensor,
-    ) -> None:
-        hidden = c_prev.shape[1]
-        _check_width(gates, 4 * hidden)
-        _check_width(dz, 4 * hidden)
-        if grad_h is None:
-            grad_h = self._zeros_like(dh)
-        scale_args = (0, 0) if scale is None else _column(scale)
+    def backward(self, step: BackwardStep) -> None:
+        hidden = step.c_prev.shape[1]
+        _check_width(step.gates, 4 * hidden)
+        _check_width(step.dz, 4 * hidden)
+        grad_h = self._zeros_like(step.dh) if step.grad_h is None else step.grad_h
+        scale = (0, 0) if step.scale is None else _column(step.scale)
+        after = (step.gates, step.tanh_c, step.c_prev, step.dc, step.dz)
         _cellkernels.backward_cell(
-            *_sizes(c_prev, hidden), *_rows(dh), *_rows(grad_h), *scale_args, *_rows(gates),
-            *_rows(tanh_c), *_rows(c_prev), *_rows(dc), *_rows(dz),
+            *_sizes(step.c_prev, hidden), *_rows(step.dh), *_rows(grad_h), *scale,
+            *(v for x in after for v in _rows(x)),
         )
 
     def mul2(self, grad: Tensor, a: Tensor, out_a: Tensor, b: Tensor, out_b: Tensor) -> None:
@@ -218,6 +187,11 @@ class NativeCell:
         if self._zeros is None or self._zeros.shape != x.shape:
             self._zeros = torch.zeros(x.shape, dtype=torch.float32)
         return self._zeros
+
+
+def _fields(step: ForwardStep | BackwardStep) -> tuple:
+    """A step's tensors in field order, for unpacking into local names."""
+    return tuple(getattr(step, name) for name in step.__slots__)
 
 
 def _sizes(x: Tensor, width: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mlstm_trainer.cell import CELL_ENV, TorchCell
+from mlstm_trainer.cell import CELL_ENV, BackwardStep, ForwardStep, TorchCell
 
 # Set when compiling the cell failed in this process (no Triton, no C compiler, ...): later loops that
 # chose the cell automatically then go straight to plain torch ops.
@@ -119,42 +119,22 @@ class CompiledCell:
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.mul(a, b, out=out)  # already a single kernel
 
-    def forward(
-        self,
-        z: Tensor,
-        c_prev: Tensor,
-        gates: Tensor,
-        c_next: Tensor,
-        tanh_c: Tensor,
-        h: Tensor,
-        keep_next: Tensor | None,
-        h_reset: Tensor | None,
-    ) -> None:
-        args = (z, c_prev, gates, c_next, tanh_c, h, keep_next, h_reset)
+    def forward(self, step: ForwardStep) -> None:
+        keep_next, h_reset = step.keep_next, step.h_reset
         if keep_next is None:
-            keep_next = self._constant(1.0, (c_prev.shape[0], 1), c_prev)
-            h_reset = self._constant(0.0, c_prev.shape, c_prev, key="h_reset")
-        compiled_args = (z, c_prev, keep_next.contiguous(), gates, c_next, tanh_c, h, h_reset)
-        self._run(self._forward, compiled_args, lambda: self._fallback.forward(*args))
+            keep_next = self._constant(1.0, (step.c_prev.shape[0], 1), step.c_prev)
+            h_reset = self._constant(0.0, step.c_prev.shape, step.c_prev, key="h_reset")
+        args = (step.z, step.c_prev, keep_next.contiguous(), step.gates, step.c_next, step.tanh_c, step.h, h_reset)
+        self._run(self._forward, args, lambda: self._fallback.forward(step))
 
-    def backward(
-        self,
-        dh: Tensor,
-        grad_h: Tensor | None,
-        scale: Tensor | None,
-        gates: Tensor,
-        tanh_c: Tensor,
-        c_prev: Tensor,
-        dc: Tensor,
-        dz: Tensor,
-    ) -> None:
-        args = (dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz)
+    def backward(self, step: BackwardStep) -> None:
+        scale, grad_h = step.scale, step.grad_h
         if scale is None:
-            scale = self._constant(1.0, (c_prev.shape[0], 1), c_prev)
+            scale = self._constant(1.0, (step.c_prev.shape[0], 1), step.c_prev)
         if grad_h is None:
-            grad_h = self._constant(0.0, c_prev.shape, c_prev)
-        compiled_args = (dh, grad_h, scale.contiguous(), gates, tanh_c, c_prev, dc, dz)
-        self._run(self._backward, compiled_args, lambda: self._fallback.backward(*args))
+            grad_h = self._constant(0.0, step.c_prev.shape, step.c_prev)
+        args = (step.dh, grad_h, scale.contiguous(), step.gates, step.tanh_c, step.c_prev, step.dc, step.dz)
+        self._run(self._backward, args, lambda: self._fallback.backward(step))
 
     def mul2(self, grad: Tensor, a: Tensor, out_a: Tensor, b: Tensor, out_b: Tensor) -> None:
         args = (grad, a, out_a, b, out_b)

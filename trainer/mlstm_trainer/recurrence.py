@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from mlstm_trainer import cuda_graphs
-from mlstm_trainer.cell import select_cell
+from mlstm_trainer.cell import BackwardStep, ForwardStep, select_cell
 
 # When packing a weight for oneDNN pays off (measured on one core at B=32): the reorder costs about as
 # much as a few steps' matmuls, so short loops (e.g. sampling token by token) skip it; and oneDNN's fixed
@@ -264,7 +264,7 @@ def _forward_loop(
         c_next = c_prev[:, t + 1] if t + 1 < steps else c_last
         # Rows that start a new document at t+1 get a zeroed state there; hs keeps the un-reset value.
         keep_next = keep[:, t + 1 : t + 2] if keep is not None and t + 1 < steps else None
-        cell.forward(z, c_prev[:, t], gates[:, t], c_next, tanh_c[:, t], hs[:, t], keep_next, h_reset)
+        cell.forward(ForwardStep(z, c_prev[:, t], gates[:, t], c_next, tanh_c[:, t], hs[:, t], keep_next, h_reset))
         h_prev = hs[:, t] if keep_next is None else h_reset
     h_last = hs[:, -1].clone()  # its own storage: Function outputs must not alias each other
     return (gates, mh, m, c_prev, tanh_c), hs, h_last, c_last
@@ -299,7 +299,7 @@ def _backward_loop(
         # The gradients arriving from step t+1 belong to its reset state: scale them by its keep.
         scale = keep[:, t + 1 : t + 2] if keep is not None and t + 1 < steps else None
         grad_h = grad_hs[:, t] if grad_hs is not None else None
-        cell.backward(dh, grad_h, scale, gates[:, t], tanh_c[:, t], c_prev[:, t], dc, dxg[:, t])
+        cell.backward(BackwardStep(dh, grad_h, scale, gates[:, t], tanh_c[:, t], c_prev[:, t], dc, dxg[:, t]))
         d_m = dm_matmul(dxg[:, t])
         cell.mul2(d_m, mh[:, t], dxm[:, t], xm[:, t], d_mh[:, t])
         dh = dh_matmul(d_mh[:, t])  # dL/d h_{t-1} as step t used it, before step t's reset
