@@ -93,8 +93,9 @@ typedef struct {
 /* gates = act(z) (i, f, o sigmoid; u tanh); c = f*c_prev + i*u; tanh_c = tanh(c); h = o*tanh_c.  With
  * keep (the next step's per-row keep factor), c_next = c*keep and h_reset = h*keep; else c_next = c. */
 MULTIVERSION
-static void forward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t z, rows_t c_prev, rows_t gates,
-                         rows_t c_next, rows_t tanh_c, rows_t h, rows_t keep, rows_t h_reset) {
+static void forward_rows(Py_ssize_t batch, Py_ssize_t hidden, const rows_t *r) {
+    const rows_t z = r[0], c_prev = r[1], gates = r[2], c_next = r[3], tanh_c = r[4], h = r[5];
+    const rows_t keep = r[6], h_reset = r[7];
     for (Py_ssize_t b = 0; b < batch; b++) {
         const float *restrict zr = z.ptr + b * z.stride, *restrict cp = c_prev.ptr + b * c_prev.stride;
         float *restrict g = gates.ptr + b * gates.stride, *restrict cn = c_next.ptr + b * c_next.stride;
@@ -113,8 +114,9 @@ static void forward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t z, rows_t c
 /* dL/dh_t and dL/dc_t arrive scaled by k (the keep factor of step t+1); gh is dL/dh_t from the outputs.
  * Writes dz (4H, the pre-activation gradient) and replaces dc by dL/dc_{t-1}. */
 MULTIVERSION
-static void backward_rows(Py_ssize_t batch, Py_ssize_t hidden, rows_t dh, rows_t grad_h, rows_t scale,
-                          rows_t gates, rows_t tanh_c, rows_t c_prev, rows_t dc, rows_t dz) {
+static void backward_rows(Py_ssize_t batch, Py_ssize_t hidden, const rows_t *r) {
+    const rows_t dh = r[0], grad_h = r[1], scale = r[2], gates = r[3], tanh_c = r[4], c_prev = r[5];
+    const rows_t dc = r[6], dz = r[7];
     for (Py_ssize_t b = 0; b < batch; b++) {
         const float k = scale.ptr ? scale.ptr[b * scale.stride] : 1.0f;
         const float *restrict dhr = dh.ptr + b * dh.stride, *restrict gh = grad_h.ptr + b * grad_h.stride;
@@ -143,28 +145,28 @@ static int parse_call(PyObject *const *args, Py_ssize_t nargs, const char *name,
     return PyErr_Occurred() ? -1 : 0;
 }
 
+/* Parses (batch, hidden, 8 x (pointer, row stride)) and runs a cell kernel with the GIL released. */
+static PyObject *call_cell(PyObject *const *args, Py_ssize_t nargs, const char *name,
+                           void (*kernel)(Py_ssize_t, Py_ssize_t, const rows_t *)) {
+    Py_ssize_t batch, hidden;
+    rows_t r[8];
+    if (parse_call(args, nargs, name, 8, &batch, &hidden, r) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    kernel(batch, hidden, r);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* forward_cell(batch, hidden, z, c_prev, gates, c_next, tanh_c, h, keep, h_reset), each tensor given as
  * (pointer, row stride): forward_rows.  keep is the next step's [B, 1] column, pointer 0 for none. */
 static PyObject *forward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, hidden;
-    rows_t r[8];
-    if (parse_call(args, nargs, "forward_cell", 8, &batch, &hidden, r) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    forward_rows(batch, hidden, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return call_cell(args, nargs, "forward_cell", forward_rows);
 }
 
 /* backward_cell(batch, hidden, dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz): backward_rows.
  * scale pointer 0 means 1; grad_h must be given (the caller passes zeros when there is none). */
 static PyObject *backward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, hidden;
-    rows_t r[8];
-    if (parse_call(args, nargs, "backward_cell", 8, &batch, &hidden, r) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    backward_rows(batch, hidden, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return call_cell(args, nargs, "backward_cell", backward_rows);
 }
 
 /* mul(batch, width, out, a, b): out = a * b, row by row. */

@@ -107,7 +107,8 @@ class CompiledCell:
         except torch._dynamo.exc.TorchDynamoException as err:
             if self._fallback is None:
                 raise
-            compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            compile_failure = f"{type(err).__name__}: {first_line}"
             warnings.warn(
                 f"mlstm: torch.compile of the fused cell failed ({compile_failure}); using plain torch ops, "
                 f"which is slower. Set {CELL_ENV}=torch to skip the attempt.",

@@ -72,7 +72,6 @@ class EagerReplay:
     def __init__(self, pool: Any = None) -> None:
         self._fn: Callable[[], Any] | None = None
         self._outputs: Any = None
-        self.replays = 0
 
     def capture(self, fn: Callable[[], Any]) -> Any:
         self._fn = fn
@@ -84,7 +83,6 @@ class EagerReplay:
     def replay(self) -> None:
         assert self._fn is not None, "replay before capture"
         _copy_into(self._outputs, self._fn())
-        self.replays += 1
 
 
 def graph_factory_for(x: Tensor, requested: bool) -> Callable[[Any], Replayable] | None:

@@ -176,7 +176,7 @@ class _MLSTMRecurrence(torch.autograd.Function):
         args = (xm, xg, w_mh, w_h, h0, c0, keep)
         # Autocast off: the caller already chose the dtype, and autocast would silently re-cast each
         # per-step matmul (and allocate a fresh weight copy every step).
-        with torch.autocast(device_type=xg.device.type, enabled=False):
+        with torch.autocast(device_type=ctx.device_type, enabled=False):
             if graph_factory is None:
                 ctx.graphed = None
                 saved, hs, h_last, c_last = _forward_loop(*args)
