@@ -202,3 +202,17 @@ def test_explicit_compiled_cell_does_not_hide_a_compile_failure(monkeypatch: pyt
     with pytest.raises(_CompileFailed):
         _run_forward(cell, _forward_buffers(torch.Generator().manual_seed(7)), None)
     assert compiled_cell.compile_failure is None
+
+
+def test_trainer_rejects_a_bad_cell_choice_in_one_line_before_writing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlstm_trainer.__main__ import main
+
+    monkeypatch.setenv(cell_module.CELL_ENV, "fused")
+    run_dir = tmp_path / "run"
+    assert main(["--checkpoint-dir", str(run_dir), "--metrics-port", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mlstm train: error: MLSTM_CELL='fused' is not one of auto, torch, native, compiled"
+    ]
+    assert not run_dir.exists()

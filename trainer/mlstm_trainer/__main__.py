@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .cell import cell_choice
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .corpus import CorpusError
@@ -25,6 +26,7 @@ RUNTIME_ERRORS = (StorageError,)
 def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
+        cell_choice()  # a bad MLSTM_CELL stops here, before anything is written
         keep_freed_host_memory()  # before the model and the first step allocate (hostmem.py says why)
         ctx = init_distributed(config.device, config.dist_timeout_seconds)
         try:
