@@ -8,7 +8,7 @@ RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 .PHONY: demo test test-deps bench clean
 
 # Re-install only when the dependency list, the pins or the C kernels (built by pip install) change.
-$(STAMP): pyproject.toml constraints.txt trainer/mlstm_trainer/_cellkernels.c
+$(STAMP): pyproject.toml constraints.txt trainer/mlstm_trainer/_cellkernels.c trainer/mlstm_trainer/_packedgemm.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[platform,transfer,test]'

@@ -4,7 +4,9 @@ Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward
 
 * ``ours``: :class:`mlstm_trainer.model.MLSTM` (hand-written recurrence, weight norm included);
 * ``per-step``: the same mLSTM spelled out with ``nn.Linear`` calls per step and plain autograd;
-* ``nn.LSTM``: ``torch.nn.LSTM`` with the same hidden size and the same embedding/readout layers.
+* ``nn.LSTM``: ``torch.nn.LSTM`` with the same hidden size and the same embedding/readout layers;
+* ``ours/onednn``: ours again with the recurrent matmuls on oneDNN instead of the native packed kernel
+  (``MLSTM_RECURRENT_MATMUL=onednn``), to show what the kernel buys; ``--no-onednn-row`` skips it.
 
 It reports and never asserts (exit code 0).  Models are timed step by step in turn and tokens/s comes
 from the median step time, but CPU timings on a shared machine stay noisy: run it a few times.
@@ -28,6 +30,8 @@ from torch import Tensor, nn
 from mlstm_trainer.cell import CELL_ENV, native_available
 from mlstm_trainer.hostmem import keep_freed_host_memory
 from mlstm_trainer.model import MLSTM
+from mlstm_trainer.recurrent_matmul import MATMUL_ENV
+from mlstm_trainer.recurrent_matmul import native_available as native_matmul_available
 
 VOCAB = 256
 EMBED = 64
@@ -106,6 +110,23 @@ def build_step(model: nn.Module, batch: int, seq: int) -> Callable[[], None]:
     return step
 
 
+def with_env(step: Callable[[], None], name: str, value: str) -> Callable[[], None]:
+    """``step`` run with environment variable ``name`` set to ``value`` (restored afterwards)."""
+
+    def run() -> None:
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return run
+
+
 def time_steps(steps: dict[str, Callable[[], None]], iters: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per step for each model, over ``iters`` rounds that each run every model once.
 
@@ -133,6 +154,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per model")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
+    parser.add_argument("--no-onednn-row", action="store_true", help="skip the ours/onednn comparison row")
     return parser.parse_args()
 
 
@@ -153,18 +175,25 @@ def main() -> int:
     cell = os.environ.get(CELL_ENV, "auto")
     print(f"mlstm cell: {cell} (native C kernels built: {native_available()}); "
           f"host allocator keeps freed memory: {tuned}")
+    print(f"recurrent matmul: {os.environ.get(MATMUL_ENV, 'auto')} (native packed kernel usable: "
+          f"{native_matmul_available()})")
     steps = {}
     for name, build in builders.items():
         torch.manual_seed(0)
         steps[name] = build_step(build(args.hidden), args.batch, args.seq)
+    if not args.no_onednn_row and torch.backends.mkldnn.is_available():
+        torch.manual_seed(0)
+        steps["ours/onednn"] = with_env(build_step(OursLogits(args.hidden), args.batch, args.seq), MATMUL_ENV, "onednn")
     seconds = time_steps(steps, args.iters, args.warmup)
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(values) for name, values in seconds.items()}
     for name, value in rate.items():
         best = tokens / min(seconds[name])
-        print(f"{name:>9}: {value:8.0f} tokens/s median step  ({best:.0f} best step)")
+        print(f"{name:>11}: {value:8.0f} tokens/s median step  ({best:.0f} best step)")
     print(f"ours / per-step: {rate['ours'] / rate['per-step']:.2f}x  (target >= 1.6x)")
     print(f"ours / nn.LSTM:  {rate['ours'] / rate['nn.LSTM']:.2f}x  (target >= 0.7x)")
+    if "ours/onednn" in rate:
+        print(f"ours / ours with oneDNN recurrent matmuls: {rate['ours'] / rate['ours/onednn']:.2f}x")
     return 0
 
 

@@ -25,8 +25,8 @@ def _run(script: str, *args: str) -> str:
 def test_cpu_throughput_bench_prints_both_ratios() -> None:
     out = _run("throughput.py", "--hidden", "32", "--batch", "4", "--seq", "8", "--iters", "2", "--warmup", "1",
                "--threads", "1")
-    assert "mlstm cell:" in out
-    for baseline in ("per-step", "nn.LSTM"):
+    assert "mlstm cell:" in out and "recurrent matmul:" in out
+    for baseline in ("per-step", "nn.LSTM", "ours with oneDNN recurrent matmuls"):
         match = re.search(rf"ours / {re.escape(baseline)}:\s+([0-9.]+)x", out)
         assert match and float(match.group(1)) > 0, out
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from mlstm_trainer import recurrence
+from mlstm_trainer import recurrent_matmul
 from mlstm_trainer.model import MLSTM, WeightNormLinearWeight
 from mlstm_trainer.recurrence import mlstm_recurrence
+from mlstm_trainer.recurrent_matmul import MIN_STEPS_TO_PACK
 
 B, T, E, H, V = 3, 7, 5, 6, 11
 
@@ -166,16 +167,23 @@ def test_recurrence_gradcheck(with_keep: bool, time_major: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("steps", "hidden", "packed"),
+    ("steps", "hidden", "choice", "kind"),
     [
-        pytest.param(9, 8, False, id="small-plain-matmul"),
-        pytest.param(9, 368, True, id="large-packed-weights"),  # 4H x H >= 2**19: oneDNN on CPU
+        pytest.param(MIN_STEPS_TO_PACK - 1, 8, "auto", "torch", id="short-loop-plain-matmul"),
+        pytest.param(9, 12, "torch", "torch", id="plain-matmul"),
+        pytest.param(9, 12, "onednn", "onednn", id="onednn-packed"),
+        pytest.param(9, 24, "auto", "native", id="native-packed"),
     ],
 )
-def test_recurrence_float32_matches_float64(steps: int, hidden: int, packed: bool) -> None:
-    """Both float32 matmul paths (plain and oneDNN-packed) agree with float64 in values and grads."""
-    if packed and not torch.backends.mkldnn.is_available():
+def test_recurrence_float32_matches_float64(
+    monkeypatch: pytest.MonkeyPatch, steps: int, hidden: int, choice: str, kind: str
+) -> None:
+    """Every float32 recurrent matmul (plain, oneDNN-packed, native-packed) agrees with float64."""
+    if kind == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
+    if kind == "native" and not recurrent_matmul.native_available():
+        pytest.skip("native kernel not built or no AVX2/FMA")
+    monkeypatch.setenv(recurrent_matmul.MATMUL_ENV, choice)
     batch = 3
     gen = torch.Generator().manual_seed(5)
     scale = hidden**-0.5  # keeps pre-activations O(1) so the comparison is not all saturated gates
@@ -184,15 +192,17 @@ def test_recurrence_float32_matches_float64(steps: int, hidden: int, packed: boo
     inputs64 = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
     inputs64[2].mul_(scale)
     inputs64[3].mul_(scale)
-    # The test is only meaningful if it takes the path it names.
-    assert recurrence._use_onednn(inputs64[3].float(), steps) == packed
+    # The test is only meaningful if it takes the path it names (all four loop matmuls).
+    for weight in (inputs64[2], inputs64[3], inputs64[2].t(), inputs64[3].t()):
+        assert recurrent_matmul.RecurrentMatmul(weight.float(), batch, steps).kind == kind
     keep = torch.ones(batch, steps, dtype=torch.float64)
     keep[1, 1] = 0.0
     grad_out = [torch.randn(batch, steps, hidden, generator=gen, dtype=torch.float64),
                 torch.randn(batch, hidden, generator=gen, dtype=torch.float64),
                 torch.randn(batch, hidden, generator=gen, dtype=torch.float64)]
     results = []
-    for dtype in (torch.float64, torch.float32):
+    for dtype, dtype_choice in ((torch.float64, "torch"), (torch.float32, choice)):
+        monkeypatch.setenv(recurrent_matmul.MATMUL_ENV, dtype_choice)  # a forced kind runs float32 only
         inputs = [x.to(dtype).requires_grad_() for x in inputs64]
         outputs = mlstm_recurrence(*inputs, keep.to(dtype))
         grads = torch.autograd.grad(outputs, inputs, [g.to(dtype) for g in grad_out])

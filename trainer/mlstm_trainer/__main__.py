@@ -13,6 +13,7 @@ from .distributed import init_distributed, shutdown_distributed
 from .hostmem import keep_freed_host_memory
 from .metrics import MetricsPortError
 from .options import load_config
+from .recurrent_matmul import matmul_choice
 from .sampling import sample_text
 from .shards import ManifestError
 from .storage import StorageError
@@ -26,7 +27,8 @@ RUNTIME_ERRORS = (StorageError,)
 def main(argv: Sequence[str] | None = None, prog: str = "mlstm train") -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
-        cell_choice()  # a bad MLSTM_CELL stops here, before anything is written
+        cell_choice()  # a bad MLSTM_CELL or MLSTM_RECURRENT_MATMUL stops here, before anything is written
+        matmul_choice()
         keep_freed_host_memory()  # before the model and the first step allocate (hostmem.py says why)
         ctx = init_distributed(config.device, config.dist_timeout_seconds)
         try:

@@ -15,7 +15,7 @@ rows at the end, the way cuDNN does its LSTMs.
 
 Layout: buffers copy the memory layout of ``xm``/``xg`` (``empty_like``).  The model passes time-major
 ``[T, B, ...]`` memory viewed as ``[B, T, ...]``, so each step's ``[B, ...]`` slice is one contiguous
-block, which the packed matmul needs (it would copy a strided slice first).  Plain batch-major inputs
+block (the packed matmuls of :mod:`mlstm_trainer.recurrent_matmul` also take strided slices).  Plain batch-major inputs
 work too, with per-step slices of row stride ``T * width``.
 """
 
@@ -30,13 +30,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from mlstm_trainer import cuda_graphs
 from mlstm_trainer.cell import BackwardStep, ForwardStep, select_cell
-
-# When packing a weight for oneDNN pays off (measured on one core at B=32): the reorder costs about as
-# much as a few steps' matmuls, so short loops (e.g. sampling token by token) skip it; and oneDNN's fixed
-# per-call cost outweighs its faster kernel for small weights (below about 4H x H with H = 360).
-_MIN_STEPS_TO_PACK = 8
-_MIN_WEIGHT_NUMEL_TO_PACK = 1 << 19
-
+from mlstm_trainer.recurrent_matmul import RecurrentMatmul
 
 def mlstm_recurrence(
     xm: Tensor,
@@ -108,51 +102,6 @@ def _check_inputs(
             )
     if steps == 0:
         raise ValueError("mlstm_recurrence: the sequence is empty (T == 0)")
-
-
-class _RecurrentMatmul:
-    """``x @ weight.T`` for a weight that every step of the loop reuses with the same batch size.
-
-    On CPU in float32 the weight is reordered once per loop into oneDNN's blocked layout, as
-    ``torch.nn.LSTM``'s oneDNN kernel does: a plain ``torch.mm`` re-packs the whole weight on every call,
-    and with only B rows that made each matmul about 15-30% slower (B=32, H=1024, one core).
-    Elsewhere (CUDA, other dtypes, CPU builds without oneDNN, small weights or short loops where packing
-    does not pay off) it is a plain matmul.  The two oneDNN ops are torch internals (the ones Inductor's
-    CPU backend uses), hence the ``hasattr`` guard in ``_use_onednn``.
-    """
-
-    def __init__(self, weight: Tensor, batch: int, steps: int) -> None:
-        self.weight = weight
-        self.packed: Tensor | None = None
-        if _use_onednn(weight, steps):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
-
-    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """``x @ weight.T``, written into ``out`` when given, else a new tensor."""
-        if self.packed is None:
-            return torch.mm(x, self.weight.t(), out=out)
-        product = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return product if out is None else out.copy_(product)
-
-    def plus(self, x: Tensor, other: Tensor) -> Tensor:
-        """A new tensor ``other + x @ weight.T`` (the add fused into the matmul)."""
-        if self.packed is None:
-            return torch.addmm(other, x, self.weight.t())
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "add")
-
-
-def _use_onednn(weight: Tensor, steps: int) -> bool:
-    """Whether packing the weight for oneDNN is possible here and worth its one-off cost."""
-    return (
-        steps >= _MIN_STEPS_TO_PACK
-        and weight.numel() >= _MIN_WEIGHT_NUMEL_TO_PACK
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
 
 
 class _MLSTMRecurrence(torch.autograd.Function):
@@ -250,8 +199,8 @@ def _forward_loop(
     c_last = torch.empty_like(c0)
     h_reset = torch.empty_like(h0) if keep is not None else None
     cell = select_cell(xm.device, xm.dtype)
-    mh_matmul = _RecurrentMatmul(w_mh, batch, steps)  # x @ w_mh.T
-    z_matmul = _RecurrentMatmul(w_h, batch, steps)  # x @ w_h.T
+    mh_matmul = RecurrentMatmul(w_mh, batch, steps)  # x @ w_mh.T
+    z_matmul = RecurrentMatmul(w_h, batch, steps)  # x @ w_h.T
     h_prev = h0 if keep is None else h0 * keep[:, :1]
     if keep is None:
         c_prev[:, 0].copy_(c0)
@@ -293,8 +242,8 @@ def _backward_loop(
     dc = _zeros_or_clone(grad_c_last, xm)  # running dL/dc_t
     cell = select_cell(xm.device, xm.dtype)
     # Backward multiplies by the weights untransposed: x @ w == x @ (w.T).T
-    dm_matmul = _RecurrentMatmul(w_h.t(), batch, steps)
-    dh_matmul = _RecurrentMatmul(w_mh.t(), batch, steps)
+    dm_matmul = RecurrentMatmul(w_h.t(), batch, steps)
+    dh_matmul = RecurrentMatmul(w_mh.t(), batch, steps)
     for t in reversed(range(steps)):
         # The gradients arriving from step t+1 belong to its reset state: scale them by its keep.
         scale = keep[:, t + 1 : t + 2] if keep is not None and t + 1 < steps else None
