@@ -31,6 +31,14 @@ def test_cpu_throughput_bench_prints_both_ratios() -> None:
         assert match and float(match.group(1)) > 0, out
 
 
+def test_recurrent_matmul_bench_prints_every_product() -> None:
+    out = _run("recurrent_matmul.py", "--hidden", "16", "--batch", "4", "--rounds", "2", "--threads", "1")
+    rows = re.findall(r"^ *(fwd|bwd) \S+ \[4x\d+\]x\[\d+x\d+\]: (.*) GFLOP/s", out, flags=re.MULTILINE)
+    assert len(rows) == 4, out
+    for _, rates in rows:
+        assert all(float(value) > 0 for value in re.findall(r"[a-z]+ +([0-9.]+)", rates)), rates
+
+
 def test_gpu_throughput_bench_runs_on_cpu_as_a_smoke_test() -> None:
     out = _run("gpu_throughput.py", "--device", "cpu", "--hidden", "32", "--batch", "4", "--seq", "8",
                "--dtypes", "bf16", "--iters", "1", "--warmup", "1",
