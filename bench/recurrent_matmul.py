@@ -65,7 +65,9 @@ def main() -> int:
         matmuls = {kind: build(kind, weight, args.batch) for kind in kinds}
         calls = {kind: (lambda m=m: m(x)) for kind, m in matmuls.items()}
         flops = 2 * args.batch * weight.shape[0] * weight.shape[1]
-        repeat = max(3, int(4e9 / flops))  # ~50 ms rounds: thread pools spinning down after the previous round do not dominate
+        # Rounds of ~50 ms (at most 2000 calls for toy sizes): thread pools spinning down after the
+        # previous round then do not dominate a round.
+        repeat = max(3, min(2000, int(4e9 / flops)))
         median = time_calls(calls, repeat, args.rounds)
         rates = "  ".join(f"{kind} {flops / median[kind] / 1e9:6.1f}" for kind in kinds)
         ratio = f"  native/onednn {median['onednn'] / median['native']:.2f}x" if len(kinds) == 3 else ""
