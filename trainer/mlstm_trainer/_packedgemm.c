@@ -48,12 +48,13 @@ typedef struct {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_KERNELS 1
 #include <immintrin.h>
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+/* Only these functions use AVX2/FMA (a function attribute, which GCC and clang both honour); the
+ * module itself loads on any x86-64, and supported() checks the CPU before the kernels run. */
+#define AVX2_FMA __attribute__((target("avx2,fma")))
 
 /* One R x (8*V) block of C over kc rows of a panel.  mode 0: C = A B; 1: C += A B; 2: C = I + A B.
  * R and V are constants in each instantiation below, so the loops unroll into registers. */
-static inline __attribute__((always_inline)) void micro(const int R, const int V, Py_ssize_t kc,
+static inline __attribute__((always_inline)) AVX2_FMA void micro(const int R, const int V, Py_ssize_t kc,
         const float *a, Py_ssize_t lda, const float *b, float *c, Py_ssize_t ldc, const float *init,
         Py_ssize_t ldi, int mode, const char *prefetch, Py_ssize_t lines) {
     __m256 acc[MR][3];
@@ -82,7 +83,7 @@ static inline __attribute__((always_inline)) void micro(const int R, const int V
 typedef void (*micro_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *, float *, Py_ssize_t,
                          const float *, Py_ssize_t, int, const char *, Py_ssize_t);
 #define MICRO(R, V)                                                                                      \
-    static void micro_##R##_##V(Py_ssize_t kc, const float *a, Py_ssize_t lda, const float *b, float *c, \
+    static AVX2_FMA void micro_##R##_##V(Py_ssize_t kc, const float *a, Py_ssize_t lda, const float *b, float *c, \
                                 Py_ssize_t ldc, const float *init, Py_ssize_t ldi, int mode,              \
                                 const char *prefetch, Py_ssize_t lines) {                                \
         micro(R, V, kc, a, lda, b, c, ldc, init, ldi, mode, prefetch, lines);                            \
@@ -121,7 +122,6 @@ static void run_job(const job_t *j) {
         }
     }
 }
-#pragma GCC pop_options
 
 static inline void cpu_pause(void) { _mm_pause(); }
 #else
