@@ -69,7 +69,7 @@ def main() -> int:
         # previous round then do not dominate a round.
         repeat = max(3, min(2000, int(4e9 / flops)))
         median = time_calls(calls, repeat, args.rounds)
-        rates = "  ".join(f"{kind} {flops / median[kind] / 1e9:6.1f}" for kind in kinds)
+        rates = "  ".join(f"{kind} {flops / median[kind] / 1e9:6.3g}" for kind in kinds)
         ratio = f"  native/onednn {median['onednn'] / median['native']:.2f}x" if len(kinds) == 3 else ""
         print(f"{label:>13} [{args.batch}x{weight.shape[1]}]x[{weight.shape[1]}x{weight.shape[0]}]: "
               f"{rates} GFLOP/s{ratio}")
