@@ -200,6 +200,12 @@ static void reset_pool_in_child(void) {
     pool.workers = 0;
 }
 
+/* Where thread t of `used` starts: an even strip, so that two threads' columns of C never share a
+ * cache line (2 strips are 192 bytes; a split after an odd strip lands mid-line, in every row). */
+static Py_ssize_t split_point(Py_ssize_t strips, int t, int used) {
+    return t == used ? strips : (strips * t / used) & ~(Py_ssize_t)1;
+}
+
 /* Split the strips of `whole` over up to `threads` threads (the caller included) and run them. */
 static void run_parallel(const job_t *whole, int threads) {
     Py_ssize_t strips = (whole->n + NR - 1) / NR;
@@ -213,8 +219,8 @@ static void run_parallel(const job_t *whole, int threads) {
     int used = workers + 1 < threads ? workers + 1 : threads;
     for (int t = 0; t <= workers; t++) {
         pool.jobs[t] = *whole;
-        pool.jobs[t].strip_lo = t < used ? strips * t / used : 0;
-        pool.jobs[t].strip_hi = t < used ? strips * (t + 1) / used : 0;
+        pool.jobs[t].strip_lo = t < used ? split_point(strips, t, used) : 0;
+        pool.jobs[t].strip_hi = t < used ? split_point(strips, t + 1, used) : 0;
     }
     atomic_store(&pool.pending, workers);
     atomic_fetch_add(&pool.generation, 1);

@@ -5,9 +5,10 @@ weight is laid out in memory matters more than usual, and the loop can afford to
 reuse it for all T steps.  Three implementations, chosen per loop by :class:`RecurrentMatmul`:
 
 * ``native``: our own AVX2/FMA kernel (``_packedgemm.c``) over a weight packed into 24-column strips,
-  with the caller's threads plus a small spinning pool.  Measured at B=32, H=1024 (GFLOP/s, median of
-  9, this 2-core AMD EPYC VM, which is noisy): 1 thread 54-59 vs oneDNN's 35-47 for the ``4H x H``
-  weight, 68-83 vs 52-61 for ``H x H``; 2 threads 71-92 vs 33-74 and 112-119 vs 99-105.
+  with the caller's threads plus a small spinning pool.  ``bench/recurrent_matmul.py`` at B=32,
+  H=1024 on this 2-core AMD EPYC VM (noisy: +-15% between runs), native / oneDNN GFLOP/s: one thread
+  1.2x for the ``H x H`` products and 1.5x for the ``4H x H`` ones; two threads 0.8x and 1.15x.  A whole
+  training step (``bench/throughput.py``) is 1.24-1.36x faster than with oneDNN.
   Needs x86-64 with AVX2 and FMA, float32 on CPU and an output width divisible by 8.
 * ``onednn``: the weight reordered once into oneDNN's blocked layout, as ``torch.nn.LSTM``'s oneDNN
   kernel does.  A plain ``torch.mm`` re-packs the whole weight on every call, which made each matmul
