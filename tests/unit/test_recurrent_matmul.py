@@ -184,3 +184,35 @@ def test_without_the_extension_loops_use_onednn_or_torch() -> None:
                           timeout=120, check=True)  # fmt: skip
     expected = "onednn" if torch.backends.mkldnn.is_available() else "torch"
     assert proc.stdout.strip() == expected
+
+
+def test_trainer_names_its_kernels_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlstm_trainer.config import TrainConfig
+    from mlstm_trainer.trainer import describe_compute
+
+    monkeypatch.delenv(MATMUL_ENV, raising=False)
+    monkeypatch.delenv("MLSTM_CELL", raising=False)
+    line = describe_compute(TrainConfig(), torch.device("cpu"))
+    expected = "native" if native_available() else ("onednn" if torch.backends.mkldnn.is_available() else "torch")
+    threads = torch.get_num_threads()
+    assert line.startswith(f"compute: cpu, {threads} thread{'s' if threads > 1 else ''}, fp32; mLSTM cell ")
+    assert line.endswith(f"recurrent matmuls {expected}")
+    monkeypatch.setenv(MATMUL_ENV, "torch")
+    assert describe_compute(TrainConfig(), torch.device("cpu")).endswith("recurrent matmuls torch")
+
+
+def test_a_forced_choice_that_cannot_run_stops_the_trainer_before_step_one(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlstm_trainer.__main__ import main
+
+    monkeypatch.setenv(MATMUL_ENV, "onednn")
+    log = tmp_path / "log.jsonl"
+    args = ["--checkpoint-dir", str(tmp_path / "run"), "--metrics-port", "0", "--precision", "bf16",
+            "--steps", "2", "--log-jsonl", str(log)]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mlstm train: error: MLSTM_RECURRENT_MATMUL=onednn needs a float32 CPU weight and torch built with "
+        "oneDNN, not a torch.bfloat16 weight on cpu; unset it"
+    ]
+    assert not log.exists() or log.read_text() == ""

@@ -100,6 +100,8 @@ class Cell(Protocol):
 class TorchCell:
     """Plain torch ops into ``out=`` buffers; any device and dtype."""
 
+    name = "torch"
+
     def mul(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.mul(a, b, out=out)
 
@@ -148,6 +150,8 @@ class NativeCell:
     The kernels read raw pointers, so every call checks what the C code assumes; a failed check is a
     bug in the caller and raises rather than reading the wrong memory.
     """
+
+    name = "native"
 
     def __init__(self) -> None:
         if _cellkernels is None:

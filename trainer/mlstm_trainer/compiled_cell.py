@@ -89,6 +89,8 @@ class CompiledCell:
     a column of a ``[B, T]`` mask has stride T, which would otherwise compile a second graph.
     """
 
+    name = "compiled"
+
     def __init__(self, fallback: bool = False) -> None:
         self._forward = _compiled(_forward_math)
         self._backward = _compiled(_backward_math)

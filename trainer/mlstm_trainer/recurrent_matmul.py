@@ -68,7 +68,7 @@ class RecurrentMatmul:
 
     def __init__(self, weight: Tensor, batch: int, steps: int, threads: int | None = None) -> None:
         self.weight = weight
-        self.kind = _choose(weight, steps)
+        self.kind = choose_kind(weight.device, weight.dtype, tuple(weight.shape), steps)
         # More threads than CPUs would leave spinning workers time-sliced against the caller.
         self.threads = min(torch.get_num_threads() if threads is None else threads, _cpus())
         self.packed: Tensor | None = None
@@ -118,8 +118,9 @@ def pack_weight(weight: Tensor) -> Tensor:
     return packed
 
 
-def _choose(weight: Tensor, steps: int) -> str:
-    """Which implementation a loop of ``steps`` steps over ``weight`` uses."""
+def choose_kind(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], steps: int) -> str:
+    """Which implementation a loop of ``steps`` steps over a ``[N, K]`` weight uses (see the module
+    docstring); raises :class:`ConfigError` for a forced choice that cannot run here."""
     choice = matmul_choice()
     if steps < MIN_STEPS_TO_PACK or choice == "torch":
         return "torch"
@@ -129,22 +130,22 @@ def _choose(weight: Tensor, steps: int) -> str:
                 f"{MATMUL_ENV}=native: the kernel is not built or this CPU lacks AVX2/FMA; "
                 "reinstall with a C compiler present (pip install -e .) or unset the variable"
             )
-        if not _native_fits(weight):
+        if not _native_fits(device, dtype, shape[0]):
             raise ConfigError(
                 f"{MATMUL_ENV}=native runs float32 on CPU with widths divisible by 8, not a "
-                f"{weight.dtype} weight of shape {tuple(weight.shape)} on {weight.device}; unset it"
+                f"{dtype} weight of shape {shape} on {device}; unset it"
             )
         return "native"
     if choice == "onednn":
-        if not _onednn_fits(weight):
+        if not _onednn_fits(device, dtype):
             raise ConfigError(
                 f"{MATMUL_ENV}=onednn needs a float32 CPU weight and torch built with oneDNN, not a "
-                f"{weight.dtype} weight on {weight.device}; unset it"
+                f"{dtype} weight on {device}; unset it"
             )
         return "onednn"
-    if native_available() and _native_fits(weight):
+    if native_available() and _native_fits(device, dtype, shape[0]):
         return "native"
-    if _onednn_fits(weight) and weight.numel() >= _MIN_WEIGHT_NUMEL_FOR_ONEDNN:
+    if _onednn_fits(device, dtype) and shape[0] * shape[1] >= _MIN_WEIGHT_NUMEL_FOR_ONEDNN:
         return "onednn"
     return "torch"
 
@@ -153,14 +154,14 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _native_fits(weight: Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[0] % 8 == 0
+def _native_fits(device: torch.device, dtype: torch.dtype, width: int) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and width % 8 == 0
 
 
-def _onednn_fits(weight: Tensor) -> bool:
+def _onednn_fits(device: torch.device, dtype: torch.dtype) -> bool:
     return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        device.type == "cpu"
+        and dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

@@ -31,7 +31,9 @@ from .evaluate import Evaluator, should_evaluate
 from .hardware import model_flops_utilization, peak_flops
 from .metrics import NullMetrics, TrainerMetrics
 from .model import MLSTM
-from .precision import MixedPrecision
+from .cell import select_cell
+from .precision import AUTOCAST_DTYPES, MixedPrecision
+from .recurrent_matmul import choose_kind
 from .report import JsonlLog, ProgressDisplay, StepStats
 from .schedule import build_schedule
 from .shard_source import open_source
@@ -109,6 +111,22 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Ten
             del optimizer.found_inf  # type: ignore[attr-defined]
     elif math.isfinite(float(grad_norm)):
         optimizer.step()
+
+
+def describe_compute(config: TrainConfig, device: torch.device) -> str:
+    """One line naming the kernels this run's time loops will use, so a slow run shows why in its log.
+
+    A forced ``MLSTM_CELL``/``MLSTM_RECURRENT_MATMUL`` that cannot run here raises ConfigError now,
+    before the first step, rather than inside it.
+    """
+    dtype = AUTOCAST_DTYPES.get(config.precision.mode, torch.float32)  # the loops' dtype under autocast
+    hidden = config.model.hidden_size
+    cell = select_cell(device, dtype).name
+    matmul = choose_kind(device, dtype, (hidden, hidden), config.data.seq_len)
+    threads = torch.get_num_threads()
+    where = f"{device}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else str(device)
+    graphs = ", CUDA graphs on" if config.cuda_graphs and device.type == "cuda" else ""
+    return f"compute: {where}, {config.precision.mode}; mLSTM cell {cell}, recurrent matmuls {matmul}{graphs}"
 
 
 def build_ddp(model: MLSTM, config: TrainConfig, ctx: DistContext) -> DistributedDataParallel | None:
@@ -205,6 +223,8 @@ class Trainer:
         try:
             with display:
                 self.resume(display)
+                if self.ctx.is_main:  # after resume, whose errors must stay the only line
+                    display.log(describe_compute(self.config, self.ctx.device))
                 while self.state.step < self.config.optim.steps and not self.stop_requested():
                     stats = self.train_step()
                     if self._evaluation_due():
