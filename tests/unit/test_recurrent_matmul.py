@@ -216,3 +216,16 @@ def test_a_forced_choice_that_cannot_run_stops_the_trainer_before_step_one(
         "oneDNN, not a torch.bfloat16 weight on cpu; unset it"
     ]
     assert not log.exists() or log.read_text() == ""
+
+
+def test_trainer_prints_the_compute_line_after_its_first_step(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlstm_trainer.__main__ import main
+
+    monkeypatch.setenv(MATMUL_ENV, "torch")
+    args = ["--checkpoint-dir", str(tmp_path / "run"), "--metrics-port", "0", "--steps", "1",
+            "--hidden-size", "16", "--eval-every", "0", "--sample-chars", "0"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "mLSTM cell" in err and err.count("recurrent matmuls torch") == 1, err

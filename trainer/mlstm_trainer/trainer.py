@@ -223,10 +223,12 @@ class Trainer:
         try:
             with display:
                 self.resume(display)
-                if self.ctx.is_main:  # after resume, whose errors must stay the only line
-                    display.log(describe_compute(self.config, self.ctx.device))
+                compute = describe_compute(self.config, self.ctx.device)  # a forced kernel that cannot run stops here
                 while self.state.step < self.config.optim.steps and not self.stop_requested():
                     stats = self.train_step()
+                    if compute and self.ctx.is_main:  # shown after step 1: an error in it stays the only line
+                        display.log(compute)
+                    compute = ""
                     if self._evaluation_due():
                         stats.val_bpc = self.evaluate(display)
                     self.report(stats, display)
