@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from . import checkpoint as ckpt
+from .cell import select_cell
 from .checkpoint import Checkpointer, should_save
 from .config import ConfigError, TrainConfig, config_to_dict
 from .corpus import CorpusError
@@ -31,7 +32,6 @@ from .evaluate import Evaluator, should_evaluate
 from .hardware import model_flops_utilization, peak_flops
 from .metrics import NullMetrics, TrainerMetrics
 from .model import MLSTM
-from .cell import select_cell
 from .precision import AUTOCAST_DTYPES, MixedPrecision
 from .recurrent_matmul import choose_kind
 from .report import JsonlLog, ProgressDisplay, StepStats
@@ -223,10 +223,11 @@ class Trainer:
         try:
             with display:
                 self.resume(display)
-                compute = describe_compute(self.config, self.ctx.device)  # a forced kernel that cannot run stops here
+                # Checked before step 1 (a forced kernel that cannot run stops here), shown after it.
+                compute = describe_compute(self.config, self.ctx.device)
                 while self.state.step < self.config.optim.steps and not self.stop_requested():
                     stats = self.train_step()
-                    if compute and self.ctx.is_main:  # shown after step 1: an error in it stays the only line
+                    if compute and self.ctx.is_main:  # so an error in step 1 stays the only line
                         display.log(compute)
                     compute = ""
                     if self._evaluation_due():
