@@ -1,6 +1,7 @@
 """Training throughput on CPU: our mLSTM vs a per-step autograd mLSTM vs ``torch.nn.LSTM``.
 
-Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward, fused Adam step as in the trainer) for:
+Measures tokens/s of a full fp32 training step (forward, cross-entropy, backward, fused Adam step as in
+the trainer) for:
 
 * ``ours``: :class:`mlstm_trainer.model.MLSTM` (hand-written recurrence, weight norm included);
 * ``per-step``: the same mLSTM spelled out with ``nn.Linear`` calls per step and plain autograd;
@@ -183,7 +184,8 @@ def main() -> int:
         steps[name] = build_step(build(args.hidden), args.batch, args.seq)
     if not args.no_onednn_row and torch.backends.mkldnn.is_available():
         torch.manual_seed(0)
-        steps["ours/onednn"] = with_env(build_step(OursLogits(args.hidden), args.batch, args.seq), MATMUL_ENV, "onednn")
+        ours_onednn = build_step(OursLogits(args.hidden), args.batch, args.seq)
+        steps["ours/onednn"] = with_env(ours_onednn, MATMUL_ENV, "onednn")
     seconds = time_steps(steps, args.iters, args.warmup)
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(values) for name, values in seconds.items()}

@@ -145,52 +145,29 @@ static int parse_call(PyObject *const *args, Py_ssize_t nargs, const char *name,
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* Parses (batch, hidden, 8 x (pointer, row stride)) and runs a cell kernel with the GIL released. */
-static PyObject *call_cell(PyObject *const *args, Py_ssize_t nargs, const char *name,
+/* Parses (batch, width, n x (pointer, row stride)) and runs a row kernel with the GIL released. */
+static PyObject *call_rows(PyObject *const *args, Py_ssize_t nargs, const char *name, int n,
                            void (*kernel)(Py_ssize_t, Py_ssize_t, const rows_t *)) {
-    Py_ssize_t batch, hidden;
+    Py_ssize_t batch, width;
     rows_t r[8];
-    if (parse_call(args, nargs, name, 8, &batch, &hidden, r) < 0) return NULL;
+    if (parse_call(args, nargs, name, n, &batch, &width, r) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    kernel(batch, hidden, r);
+    kernel(batch, width, r);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* forward_cell(batch, hidden, z, c_prev, gates, c_next, tanh_c, h, keep, h_reset), each tensor given as
- * (pointer, row stride): forward_rows.  keep is the next step's [B, 1] column, pointer 0 for none. */
-static PyObject *forward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return call_cell(args, nargs, "forward_cell", forward_rows);
-}
-
-/* backward_cell(batch, hidden, dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz): backward_rows.
- * scale pointer 0 means 1; grad_h must be given (the caller passes zeros when there is none). */
-static PyObject *backward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return call_cell(args, nargs, "backward_cell", backward_rows);
-}
-
-/* mul(batch, width, out, a, b): out = a * b, row by row. */
-static PyObject *mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, width;
-    rows_t r[3];
-    if (parse_call(args, nargs, "mul", 3, &batch, &width, r) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+/* out = a * b, row by row (rows: out, a, b). */
+static void mul_rows(Py_ssize_t batch, Py_ssize_t width, const rows_t *r) {
     for (Py_ssize_t b = 0; b < batch; b++) {
         float *o = r[0].ptr + b * r[0].stride;
         const float *x = r[1].ptr + b * r[1].stride, *y = r[2].ptr + b * r[2].stride;
         for (Py_ssize_t j = 0; j < width; j++) o[j] = x[j] * y[j];
     }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
 }
 
-/* mul2(batch, width, grad, a, out_a, b, out_b): out_a = grad * a and out_b = grad * b in one pass over
- * grad (the two halves of d(xm * mh)). */
-static PyObject *mul2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t batch, width;
-    rows_t r[5];
-    if (parse_call(args, nargs, "mul2", 5, &batch, &width, r) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+/* out_a = grad * a and out_b = grad * b in one pass over grad (rows: grad, a, out_a, b, out_b). */
+static void mul2_rows(Py_ssize_t batch, Py_ssize_t width, const rows_t *r) {
     for (Py_ssize_t b = 0; b < batch; b++) {
         const float *g = r[0].ptr + b * r[0].stride;
         const float *x = r[1].ptr + b * r[1].stride, *y = r[3].ptr + b * r[3].stride;
@@ -200,8 +177,28 @@ static PyObject *mul2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             oy[j] = g[j] * y[j];
         }
     }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+}
+
+/* forward_cell(batch, hidden, z, c_prev, gates, c_next, tanh_c, h, keep, h_reset), each tensor given as
+ * (pointer, row stride): forward_rows.  keep is the next step's [B, 1] column, pointer 0 for none. */
+static PyObject *forward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return call_rows(args, nargs, "forward_cell", 8, forward_rows);
+}
+
+/* backward_cell(batch, hidden, dh, grad_h, scale, gates, tanh_c, c_prev, dc, dz): backward_rows.
+ * scale pointer 0 means 1; grad_h must be given (the caller passes zeros when there is none). */
+static PyObject *backward_cell(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return call_rows(args, nargs, "backward_cell", 8, backward_rows);
+}
+
+/* mul(batch, width, out, a, b): mul_rows. */
+static PyObject *mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return call_rows(args, nargs, "mul", 3, mul_rows);
+}
+
+/* mul2(batch, width, grad, a, out_a, b, out_b): mul2_rows (the two halves of d(xm * mh)). */
+static PyObject *mul2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return call_rows(args, nargs, "mul2", 5, mul2_rows);
 }
 
 static PyMethodDef methods[] = {

@@ -15,8 +15,8 @@ rows at the end, the way cuDNN does its LSTMs.
 
 Layout: buffers copy the memory layout of ``xm``/``xg`` (``empty_like``).  The model passes time-major
 ``[T, B, ...]`` memory viewed as ``[B, T, ...]``, so each step's ``[B, ...]`` slice is one contiguous
-block (the packed matmuls of :mod:`mlstm_trainer.recurrent_matmul` also take strided slices).  Plain batch-major inputs
-work too, with per-step slices of row stride ``T * width``.
+block.  Plain batch-major inputs work too, with per-step slices of row stride ``T * width`` (the
+matmuls of :mod:`mlstm_trainer.recurrent_matmul` and the cells take any row stride).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from mlstm_trainer import cuda_graphs
 from mlstm_trainer.cell import BackwardStep, ForwardStep, select_cell
 from mlstm_trainer.recurrent_matmul import RecurrentMatmul
+
 
 def mlstm_recurrence(
     xm: Tensor,
